@@ -1,0 +1,1 @@
+"""GPU kernels of srdrl, installed as ``srdrl.kernels``."""

@@ -1,0 +1,1 @@
+"""Data: synthetic off-road scenes, the JSONL dataset and its collate."""

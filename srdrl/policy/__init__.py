@@ -1,0 +1,1 @@
+"""The VLA policy: VLM, action expert, flow matching and the sampler."""
