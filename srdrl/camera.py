@@ -39,7 +39,7 @@ def default_camera(
     height: int,
     hfov_deg: float = 90.0,
     mount_height: float = 1.5,
-    pitch_deg: float = 6.0,
+    pitch_deg: float = 8.0,
     mount_x: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The synthetic front camera: returns ``K`` (3, 3) and ``T_cam_from_ego`` (4, 4), float64.

@@ -1,0 +1,368 @@
+"""Synthetic off-road scene layouts: track, hazards, trajectories and reasoning.
+
+A scene lives in the ego frame at t0 (x forward, y left, metres) on the ground plane z = 0.
+A dirt track follows the centreline y = curvature * x^2 / 2 with a half-width of 3.6-4.5 m;
+rough shoulders lie outside it. Up to one hazard lies *in the way* (covering the
+centreline 8-30 m ahead, on one side or across the whole track) and up to one lies on a
+shoulder as a distractor. The clean trajectory keeps to the track and passes an in-the-way
+hazard with a smooth lateral manoeuvre on the free side, or brakes to a stop before a
+blocking one. A noisy label drives straight along the centreline at constant speed,
+through the hazard, while the reasoning stays correct.
+
+Everything here is NumPy and deterministic in the generator passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DT = 0.1
+NUM_HISTORY = 16
+NUM_FUTURE = 64
+HORIZON_S = NUM_FUTURE * DT
+VEHICLE_HALF_WIDTH = 0.9
+"""Half-width of the vehicle footprint (metres) used by every crossing test."""
+MAX_LATERAL_ACCEL = 3.0
+MAX_BRAKING = 3.0
+HAZARD_KINDS = ("mud", "rocks", "water")
+
+
+@dataclass
+class Hazard:
+    """An elliptical patch with a ragged rim: centre, semi-axes and rim harmonics."""
+
+    kind: str
+    centre: tuple[float, float]
+    axes: tuple[float, float]
+    rim_phase: tuple[float, float]
+    in_path: bool
+    blocking: bool = False
+
+    def rim(self, theta: np.ndarray) -> np.ndarray:
+        """Normalised rim radius at polar angle ``theta`` (1 is the plain ellipse)."""
+        p1, p2 = self.rim_phase
+        return 1.0 + 0.06 * np.sin(3 * theta + p1) + 0.04 * np.sin(5 * theta + p2)
+
+    def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether ground points (x, y) lie inside the hazard."""
+        nx = (x - self.centre[0]) / self.axes[0]
+        ny = (y - self.centre[1]) / self.axes[1]
+        return np.hypot(nx, ny) < self.rim(np.arctan2(ny, nx))
+
+    def footprint(self, num_vertices: int = 48) -> np.ndarray:
+        """The rim as a closed polygon (V, 2), ego frame, counter-clockwise."""
+        theta = np.linspace(0.0, 2 * np.pi, num_vertices, endpoint=False)
+        r = self.rim(theta)
+        return np.stack(
+            [
+                self.centre[0] + self.axes[0] * r * np.cos(theta),
+                self.centre[1] + self.axes[1] * r * np.sin(theta),
+            ],
+            axis=-1,
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "in_path": self.in_path,
+            "blocking": self.blocking,
+            "footprint": np.round(self.footprint(), 4).tolist(),
+        }
+
+
+@dataclass
+class Scene:
+    speed: float  # m/s at t0
+    track_half_width: float
+    curvature: float  # centreline y = curvature * x^2 / 2
+    hazards: list[Hazard]
+    intent: str  # "straight" | "right" | "left" | "stop"
+    history: np.ndarray  # (16, 3) ego frame, ends at the origin
+    clean_trajectory: np.ndarray  # (64, 3)
+    noisy_trajectory: np.ndarray | None  # (64, 3), the straight-through label, if possible
+    reasoning: str
+    colour_gain: float = 1.0  # scene-wide illumination
+    palette_jitter: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    def centreline_y(self, x: np.ndarray) -> np.ndarray:
+        return self.curvature * np.asarray(x) ** 2 / 2.0
+
+
+def centreline_history(speed: float, curvature: float) -> np.ndarray:
+    """16 poses at 10 Hz ending at the origin, driven along the centreline at ``speed``."""
+    x = -speed * DT * np.arange(NUM_HISTORY - 1, -1, -1, dtype=np.float64)
+    return np.stack([x, curvature * x**2 / 2.0, np.zeros_like(x)], axis=-1)
+
+
+def _along_centreline(s: np.ndarray, curvature: float, lateral: np.ndarray) -> np.ndarray:
+    """Waypoints (64, 3) at forward distances ``s`` with a lateral offset from the centreline."""
+    return np.stack([s, curvature * s**2 / 2.0 + lateral, np.zeros_like(s)], axis=-1)
+
+
+def _cosine_ramp(x: np.ndarray, start: float, length: float) -> np.ndarray:
+    """0 before ``start``, 1 after ``start + length``, a half cosine in between."""
+    u = np.clip((x - start) / max(length, 1e-6), 0.0, 1.0)
+    return 0.5 - 0.5 * np.cos(np.pi * u)
+
+
+def ramp_length_for(speed: float, offset: float) -> float:
+    """Shortest cosine ramp (metres) to shift by ``offset`` within the lateral-accel limit.
+
+    A ramp y = A/2 (1 - cos(pi x / L)) has peak curvature A/2 (pi/L)^2, so the lateral
+    acceleration v^2 A pi^2 / (2 L^2) stays under the limit for L >= pi v sqrt(A / 2 a).
+    """
+    return math.pi * speed * math.sqrt(abs(offset) / (2.0 * MAX_LATERAL_ACCEL))
+
+
+def _times() -> np.ndarray:
+    return DT * np.arange(1, NUM_FUTURE + 1, dtype=np.float64)
+
+
+def constant_speed_trajectory(speed: float, curvature: float) -> np.ndarray:
+    s = speed * _times()
+    return _along_centreline(s, curvature, np.zeros_like(s))
+
+
+def swerve_trajectory(
+    speed: float, curvature: float, offset: float, near: float, far: float
+) -> np.ndarray:
+    """Shift laterally by ``offset`` before x = ``near`` and back after x = ``far``."""
+    s = speed * _times()
+    length = min(near - 1.0, max(ramp_length_for(speed, offset), 2.0 * speed))
+    up = _cosine_ramp(s, near - 1.0 - length, length)
+    down = 1.0 - _cosine_ramp(s, far + 1.0, length)
+    return _along_centreline(s, curvature, offset * np.minimum(up, down))
+
+
+def stopping_trajectory(speed: float, curvature: float, stop_at: float) -> np.ndarray:
+    """Brake at a constant rate from t0 to stand still at x = ``stop_at``."""
+    decel = speed**2 / (2.0 * stop_at)
+    t = np.minimum(_times(), speed / decel)
+    s = speed * t - 0.5 * decel * t**2
+    return _along_centreline(s, curvature, np.zeros_like(s))
+
+
+# --------------------------------------------------------------------------- reasoning
+
+_KIND_WORDS = {
+    "mud": ["mud", "a mud patch", "a muddy patch", "deep mud", "a patch of wet mud"],
+    "rocks": ["rocks", "loose rocks", "a rock field", "stones", "a pile of stones"],
+    "water": ["water", "a puddle", "standing water", "a large puddle", "a pool of water"],
+}
+_SWERVE = [
+    "{Kind} ahead on the {hside} at {d} m; steer {go} to pass it.",
+    "There is {kind} on the {hside} side of the track about {d} m out, so move {go}.",
+    "{Kind} covers the {hside} half of the track in {d} m. Keep {go} and go around it.",
+    "The {hside} side is blocked by {kind} at {d} m; shift {go} to avoid it.",
+    "I see {kind} {d} m ahead, {hside} of centre; nudge to the {go}.",
+    "Detour {go}: {kind} sits on the {hside} of the track {d} m ahead.",
+]
+_STOP = [
+    "{Kind} across the whole track at {d} m; slow down and stop before it.",
+    "The track is blocked by {kind} {d} m ahead. Brake and come to a stop.",
+    "{Kind} spans the full width ahead at {d} m, so slow down to a halt.",
+    "No way around the {kindbare} {d} m ahead; stop before reaching it.",
+]
+_STRAIGHT = [
+    "Clear dirt track ahead; keep straight.",
+    "The track ahead is smooth and clear. Continue straight at a steady speed.",
+    "Nothing on the path; maintain course along the track.",
+    "Open dirt road ahead, go straight.",
+]
+_DISTRACTOR = [
+    "{Kind} off to the {hside} of the track, clear of our path; keep straight.",
+    "There is {kind} beyond the {hside} edge, not in the way. Continue straight.",
+    "{Kind} on the {hside} shoulder does not block the track; stay on course.",
+]
+
+
+def _fill(template: str, rng: np.random.Generator, **kw) -> str:
+    kind = kw.pop("kind", None)
+    if kind is not None:
+        word = _KIND_WORDS[kind][rng.integers(len(_KIND_WORDS[kind]))]
+        kw.update(kind=word, Kind=word[0].upper() + word[1:], kindbare=word.split()[-1])
+    return template.format(**kw)
+
+
+def reasoning_for(scene_intent: str, hazards: list[Hazard], rng: np.random.Generator) -> str:
+    in_path = [h for h in hazards if h.in_path]
+    if in_path:
+        h = in_path[0]
+        near = h.centre[0] - h.axes[0]
+        d = int(round(near))
+        if scene_intent == "stop":
+            return _fill(_STOP[rng.integers(len(_STOP))], rng, kind=h.kind, d=d)
+        hside = "left" if scene_intent == "right" else "right"
+        tpl = _SWERVE[rng.integers(len(_SWERVE))]
+        return _fill(tpl, rng, kind=h.kind, d=d, hside=hside, go=scene_intent)
+    side = [h for h in hazards if not h.in_path]
+    if side:
+        h = side[0]
+        hside = "left" if h.centre[1] > 0 else "right"
+        return _fill(_DISTRACTOR[rng.integers(len(_DISTRACTOR))], rng, kind=h.kind, hside=hside)
+    return _STRAIGHT[rng.integers(len(_STRAIGHT))]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _rim_phase(rng: np.random.Generator) -> tuple[float, float]:
+    return (float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi)))
+
+
+def _sample_side_hazard(rng, speed, curvature, half_width):
+    """A hazard covering the centreline from one side, and the swerve that clears it.
+
+    The clearance is measured on the hazard's actual rim (relative to the bending
+    centreline), so the clean path clears it by construction. Returns (hazard, clean
+    trajectory, intent), or None when no placement fits this speed and track.
+    """
+    side = 1.0 if rng.random() < 0.5 else -1.0  # +1: hazard on the left
+    ax, ay = rng.uniform(1.5, 4.0), rng.uniform(1.6, 2.6)
+    inner = rng.uniform(0.3, 0.9)  # the plain ellipse crosses the centreline by this much
+    clearance = rng.uniform(0.45, 0.7)
+    near = rng.uniform(8.0, 30.0)
+    xc = near + ax
+    hazard = Hazard(
+        kind=HAZARD_KINDS[rng.integers(3)],
+        centre=(xc, curvature * xc**2 / 2.0 + side * (ay - inner)),
+        axes=(ax, ay),
+        rim_phase=_rim_phase(rng),
+        in_path=True,
+    )
+    rim = hazard.footprint()
+    reach = float(np.max(-side * (rim[:, 1] - curvature * rim[:, 0] ** 2 / 2.0)))
+    offset = -side * (reach + VEHICLE_HALF_WIDTH + clearance)
+    x_lo, x_hi = float(rim[:, 0].min()), float(rim[:, 0].max())
+    fits = (
+        reach >= 0.3
+        and abs(offset) + VEHICLE_HALF_WIDTH <= half_width - 0.1
+        and x_lo >= 8.0
+        and x_lo - 1.0 >= ramp_length_for(speed, offset)
+        and xc <= HORIZON_S * speed - 1.0  # the straight-through label reaches its middle
+    )
+    if not fits:
+        return None
+    clean = swerve_trajectory(speed, curvature, offset, x_lo, x_hi)
+    return hazard, clean, "right" if side > 0 else "left"
+
+
+def _sample_blocking_hazard(rng, speed, curvature, half_width):
+    ax = rng.uniform(1.5, 3.5)
+    lo = max(8.0, 3.0 + speed**2 / (2.0 * MAX_BRAKING))
+    hi = min(30.0, HORIZON_S * speed - 1.0)
+    if lo > hi:
+        return None
+    near = rng.uniform(lo, hi)
+    xc = near + ax
+    hazard = Hazard(
+        kind=HAZARD_KINDS[rng.integers(3)],
+        centre=(xc, curvature * xc**2 / 2.0 + rng.uniform(-0.5, 0.5)),
+        axes=(ax, half_width + rng.uniform(1.5, 3.0)),
+        rim_phase=_rim_phase(rng),
+        in_path=True,
+        blocking=True,
+    )
+    clean = stopping_trajectory(speed, curvature, near - rng.uniform(2.0, 3.0))
+    return hazard, clean, "stop"
+
+
+def _sample_distractor(rng, curvature, half_width):
+    side = 1.0 if rng.random() < 0.5 else -1.0
+    ax, ay = rng.uniform(1.5, 4.0), rng.uniform(1.0, 2.5)
+    xc = rng.uniform(8.0 + ax, 30.0)
+    gap = rng.uniform(1.0, 3.0)  # from the track edge to the hazard's rim
+    yc = curvature * xc**2 / 2.0 + side * (half_width + gap + 1.1 * ay)
+    return Hazard(
+        kind=HAZARD_KINDS[rng.integers(3)],
+        centre=(xc, yc),
+        axes=(ax, ay),
+        rim_phase=_rim_phase(rng),
+        in_path=False,
+    )
+
+
+def sample_scene(
+    rng: np.random.Generator, p_in_path: float = 0.6, p_blocking: float = 0.25,
+    p_distractor: float = 0.4,
+) -> Scene:
+    """Draw one scene: layout, clean and straight-through trajectories, reasoning."""
+    half_width = rng.uniform(3.6, 4.5)
+    curvature = rng.uniform(-0.003, 0.003)
+    hazards: list[Hazard] = []
+    intent = "straight"
+    speed = rng.uniform(3.0, 8.0)
+    clean = constant_speed_trajectory(speed, curvature)
+    noisy = None
+    if rng.random() < p_in_path:
+        blocking = rng.random() < p_blocking
+        for attempt in range(200):  # rejection sampling: re-draw until a placement fits
+            make = _sample_blocking_hazard if blocking else _sample_side_hazard
+            placed = make(rng, speed, curvature, half_width)
+            if placed is not None:
+                hazard, clean, intent = placed
+                hazards.append(hazard)
+                noisy = constant_speed_trajectory(speed, curvature)
+                break
+            if attempt % 10 == 9:  # this speed rarely fits: try another
+                speed = rng.uniform(3.0, 8.0)
+                clean = constant_speed_trajectory(speed, curvature)
+    if rng.random() < p_distractor:
+        hazards.append(_sample_distractor(rng, curvature, half_width))
+    return Scene(
+        speed=speed,
+        track_half_width=half_width,
+        curvature=curvature,
+        hazards=hazards,
+        intent=intent,
+        history=centreline_history(speed, curvature),
+        clean_trajectory=clean,
+        noisy_trajectory=noisy,
+        reasoning=reasoning_for(intent, hazards, rng),
+        colour_gain=float(rng.uniform(0.85, 1.15)),
+        palette_jitter=rng.normal(0.0, 6.0, size=3),
+    )
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _point_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Even-odd rule for points (M, 2) against a closed polygon (V, 2)."""
+    x, y = points[:, :1], points[:, 1:]
+    x0, y0 = polygon[:, 0], polygon[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    crosses = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x_at = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return np.sum(crosses & (x < x_at), axis=1) % 2 == 1
+
+
+def _distance_to_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    a = polygon[None]  # (1, V, 2)
+    b = np.roll(polygon, -1, axis=0)[None]
+    p = points[:, None]  # (M, 1, 2)
+    ab = b - a
+    t = np.clip(np.sum((p - a) * ab, -1) / np.maximum(np.sum(ab * ab, -1), 1e-12), 0, 1)
+    closest = a + t[..., None] * ab
+    return np.min(np.linalg.norm(p - closest, axis=-1), axis=1)
+
+
+def footprint_crosses(
+    trajectory_xy: np.ndarray, polygon: np.ndarray, half_width: float = VEHICLE_HALF_WIDTH
+) -> bool:
+    """Whether a vehicle of ``half_width`` driving ``trajectory_xy`` (T, 2) enters ``polygon``.
+
+    The path is densified between waypoints so that fast motion cannot step over a rim.
+    """
+    traj = np.asarray(trajectory_xy, dtype=np.float64)[:, :2]
+    start = np.zeros((1, 2))
+    path = np.concatenate([start, traj], axis=0)
+    steps = np.linspace(0.0, 1.0, 5, endpoint=False)[None, :, None]
+    dense = (path[:-1, None] + steps * (path[1:, None] - path[:-1, None])).reshape(-1, 2)
+    dense = np.concatenate([dense, traj[-1:]], axis=0)
+    inside = _point_in_polygon(dense, polygon)
+    return bool(np.any(inside) or np.any(_distance_to_polygon(dense, polygon) < half_width))
