@@ -89,8 +89,11 @@ def project_points(
     Returns ``uv`` (*batch, *rest, 2) and camera depth ``z`` (*batch, *rest). Where
     ``z <= MIN_DEPTH`` the point is behind (or too close to) the camera; its ``uv`` is
     computed with a depth of 1 so that it stays finite, and must be masked by the caller
-    (see :func:`visible`).
+    (see :func:`visible`). Computes in the widest dtype of the three inputs.
     """
+    dtype = torch.promote_types(torch.promote_types(points_ego.dtype, K.dtype),
+                                T_cam_from_ego.dtype)
+    points_ego, K, T_cam_from_ego = (a.to(dtype) for a in (points_ego, K, T_cam_from_ego))
     cam = transform_points(points_ego, T_cam_from_ego)
     z = cam[..., 2]
     safe = torch.where(z > MIN_DEPTH, z, torch.ones_like(z))
@@ -123,17 +126,19 @@ def unproject_to_ground(
     points (..., 3) and a mask of rays that hit the ground in front of the camera (rays at
     or above the horizon get a point at the origin and ``False``).
     """
-    ones = torch.ones_like(uv[..., :1])
-    rays_cam = torch.cat([uv, ones], dim=-1) @ torch.linalg.inv(K).T  # (..., 3)
+    Kinv = torch.linalg.inv(K)
     R, t = T_cam_from_ego[:3, :3], T_cam_from_ego[:3, 3]
     centre = -R.T @ t  # camera centre in the ego frame
-    rays_ego = rays_cam @ R  # R^T applied to row vectors
+    # Ray directions in the ego frame, M = R^T K^-1, written out per component: a (..., 2)
+    # by (3, 3) matmul is slow on CPU for millions of pixels.
+    M = R.T @ Kinv
+    u, v = uv[..., 0], uv[..., 1]
+    rays_ego = torch.stack([M[i, 0] * u + M[i, 1] * v + M[i, 2] for i in range(3)], dim=-1)
     dz = rays_ego[..., 2]
     hits = dz < -1e-9
-    s = torch.where(hits, (ground_z - centre[2]) / torch.where(hits, dz, -torch.ones_like(dz)), 0)
+    s = (ground_z - centre[2]) / torch.where(hits, dz, -1.0)
     hits = hits & (s > 0)
-    points = centre + s.unsqueeze(-1) * rays_ego
-    points = torch.where(hits.unsqueeze(-1), points, torch.zeros_like(points))
+    points = (centre + s.unsqueeze(-1) * rays_ego) * hits.unsqueeze(-1)
     return points, hits
 
 

@@ -20,6 +20,8 @@ water       blue-grey           very low (sigma 1), strongly different colour
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -45,6 +47,16 @@ def camera_at_history_pose(T_cam_from_ego: np.ndarray, pose_xyyaw: tuple) -> np.
     return T_cam_from_ego @ np.linalg.inv(pose)
 
 
+@functools.lru_cache(maxsize=4)
+def _ground_under_pixels(width: int, height: int, K_bytes: bytes, T_bytes: bytes):
+    """Ground x, y (H, W) under every pixel and the sky mask; cached: every scene's t0 frame
+    shares one camera."""
+    K = torch.from_numpy(np.frombuffer(K_bytes, dtype=np.float64).reshape(3, 3).copy())
+    T = torch.from_numpy(np.frombuffer(T_bytes, dtype=np.float64).reshape(4, 4).copy())
+    ground, hits = unproject_to_ground(pixel_grid(width, height), K, T)
+    return ground[..., 0].numpy(), ground[..., 1].numpy(), hits.numpy()
+
+
 def render_frame(
     scene: Scene,
     K: np.ndarray,
@@ -54,10 +66,9 @@ def render_frame(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Render one uint8 RGB frame (H, W, 3). ``T_cam_from_ego`` maps t0-ego points."""
-    uv = pixel_grid(width, height)
-    ground, hits = unproject_to_ground(uv, torch.as_tensor(K), torch.as_tensor(T_cam_from_ego))
-    x, y = ground[..., 0].numpy(), ground[..., 1].numpy()
-    hits = hits.numpy()
+    K = np.ascontiguousarray(K, dtype=np.float64)
+    T_cam_from_ego = np.ascontiguousarray(T_cam_from_ego, dtype=np.float64)
+    x, y, hits = _ground_under_pixels(width, height, K.tobytes(), T_cam_from_ego.tobytes())
 
     # Track versus shoulder, blended across the edge.
     lateral = np.abs(y - scene.centreline_y(x))
@@ -70,7 +81,7 @@ def render_frame(
 
     glints = np.zeros_like(x)
     for hazard in scene.hazards:
-        inside = hits & hazard.contains(x, y)
+        inside = hits & hazard.contains(x, y, bounded=True)
         h_rgb, h_sigma = TERRAIN[hazard.kind]
         rgb[inside] = h_rgb
         sigma[inside] = h_sigma
@@ -79,9 +90,9 @@ def render_frame(
         elif hazard.kind == "rocks":  # stones: bright tops and dark gaps
             glints[inside] = rng.choice([-40.0, 0.0, 40.0], size=int(inside.sum()), p=[0.1, 0.8, 0.1])
 
-    luminance_noise = rng.normal(0.0, 1.0, size=x.shape) * sigma + glints
+    luminance_noise = rng.standard_normal(x.shape, dtype=np.float32) * sigma + glints
     ground_rgb = scene.colour_gain * rgb + luminance_noise[..., None]
-    ground_rgb = ground_rgb + rng.normal(0.0, 1.0, size=rgb.shape)  # sensor noise per channel
+    ground_rgb += rng.standard_normal(rgb.shape, dtype=np.float32)  # sensor noise per channel
 
     rows = np.linspace(0.0, 1.0, height)[:, None, None]
     sky = SKY_TOP + (SKY_HORIZON - SKY_TOP) * rows

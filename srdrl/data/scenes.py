@@ -46,8 +46,18 @@ class Hazard:
         p1, p2 = self.rim_phase
         return 1.0 + 0.06 * np.sin(3 * theta + p1) + 0.04 * np.sin(5 * theta + p2)
 
-    def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Whether ground points (x, y) lie inside the hazard."""
+    def contains(self, x: np.ndarray, y: np.ndarray, bounded: bool = False) -> np.ndarray:
+        """Whether ground points (x, y) lie inside the hazard.
+
+        ``bounded`` first discards points outside the bounding box (the rim reaches at most
+        1.1 semi-axes), which is much faster when most points are far away.
+        """
+        if bounded:
+            out = np.zeros(np.shape(x), dtype=bool)
+            near = (np.abs(x - self.centre[0]) < 1.1 * self.axes[0]) & (
+                np.abs(y - self.centre[1]) < 1.1 * self.axes[1])
+            out[near] = self.contains(x[near], y[near])
+            return out
         nx = (x - self.centre[0]) / self.axes[0]
         ny = (y - self.centre[1]) / self.axes[1]
         return np.hypot(nx, ny) < self.rim(np.arctan2(ny, nx))
@@ -149,7 +159,8 @@ def stopping_trajectory(speed: float, curvature: float, stop_at: float) -> np.nd
 
 _KIND_WORDS = {
     "mud": ["mud", "a mud patch", "a muddy patch", "deep mud", "a patch of wet mud"],
-    "rocks": ["rocks", "loose rocks", "a rock field", "stones", "a pile of stones"],
+    "rocks": ["a rock field", "a patch of loose rocks", "a pile of stones", "a band of rocks",
+              "rough rocky ground"],
     "water": ["water", "a puddle", "standing water", "a large puddle", "a pool of water"],
 }
 _SWERVE = [

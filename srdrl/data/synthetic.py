@@ -34,8 +34,8 @@ class SyntheticDataConfig:
     num_scenes: int = 1000
     label_noise: float = 0.3
     seed: int = 0
-    width: int = 320
-    height: int = 192
+    width: int = 640
+    height: int = 384
     frames: int = 1
     val_fraction: float = 0.1
 
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="probability that a scene with a hazard in the way gets the "
                         "straight-through label")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=320)
-    p.add_argument("--height", type=int, default=192)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=384)
     p.add_argument("--frames", type=int, default=1, help="camera frames per scene (10 Hz)")
     p.add_argument("--val_fraction", type=float, default=0.1)
     args = p.parse_args(argv)
