@@ -177,6 +177,7 @@ class JsonlDataset(torch.utils.data.Dataset):
                                 f"says {cw}x{ch} ({rec['sample_id']})")
             K, T = torch.as_tensor(cam["K"]), torch.as_tensor(cam["T_cam_from_ego"])
         return {
+            "index": index,  # position in the file: seeds this scene's noise
             "sample_id": rec["sample_id"],
             "images": torch.from_numpy(np.stack(frames)),  # (F, H, W, 3) uint8
             "trajectory": torch.as_tensor(rec["trajectory"], dtype=torch.float32),  # (64, 3)
@@ -189,7 +190,7 @@ class JsonlDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors; keep ``reasoning_text``, ``sample_id`` and ``eval`` as lists."""
+    """Stack tensors; keep ``index``, ``reasoning_text``, ``sample_id``, ``eval`` as lists."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     out = {}

@@ -1,0 +1,198 @@
+"""Configuration dataclasses. Flag names keep the original trainer's (DESIGN.md, "Flags")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class RewardConfig:
+    """How candidates are scored and how far the labelled trajectory is trusted."""
+
+    safety_reward_weight: float = 1.5
+    """Weight of the visual path-safety reward (texture and colour along the path)."""
+    gt_reward_weight: float = 0.5
+    """Weight of the similarity to the labelled trajectory, scaled by the trust gate."""
+    reasoning_reward_weight: float = 0.3
+    """Weight of the agreement between a candidate's motion and the stated intent."""
+    danger_threshold: float = 0.3
+    """Danger confidence at or above which the gate may distrust the label."""
+    unsafe_threshold: float = 0.3
+    """The label's own path safety below which it counts as unsafe."""
+    gt_trust_min: float = 0.1
+    """Label weight when the reasoning names a danger with full confidence and the label
+    looks unsafe."""
+    gt_trust_max: float = 1.0
+    """Label weight when it is trusted."""
+    use_trust_gate: bool = True
+    """Ablation: False keeps the label weight at gt_trust_max always."""
+    gt_sim_scale: float = 2.0
+    """gt_sim = exp(-ADE / gt_sim_scale), metres."""
+    safety_patch_size: int = 32
+    """Side of the square image patch scored around each waypoint, pixels."""
+    texture_scale: float = 1000.0
+    """Laplacian variance that counts as fully rough."""
+    colour_scale: float = 0.5
+    """Colour distance (in [0, 1] RGB units) that counts as fully inconsistent."""
+    scoring_backend: str = "auto"
+    """Path-safety backend: auto (Triton on CUDA, Kornia on CPU), triton, kornia, reference."""
+    neutral_alignment: float = 0.5
+    """Reasoning alignment given when the reasoning states no intent."""
+
+    def __post_init__(self):
+        for name in ("safety_reward_weight", "gt_reward_weight", "reasoning_reward_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.gt_trust_min <= self.gt_trust_max:
+            raise ValueError(
+                f"need 0 <= gt_trust_min <= gt_trust_max, got {self.gt_trust_min} and "
+                f"{self.gt_trust_max}"
+            )
+        if not 0.0 <= self.danger_threshold <= 1.0:
+            raise ValueError(f"danger_threshold is a confidence in [0, 1], got "
+                             f"{self.danger_threshold}")
+        if self.gt_sim_scale <= 0 or self.texture_scale <= 0 or self.colour_scale <= 0:
+            raise ValueError("gt_sim_scale, texture_scale and colour_scale must be positive")
+        if self.safety_patch_size < 1:
+            raise ValueError(f"safety_patch_size must be >= 1, got {self.safety_patch_size}")
+        if self.scoring_backend not in ("auto", "triton", "kornia", "reference"):
+            raise ValueError(f"scoring_backend must be auto, triton, kornia or reference, got "
+                             f"{self.scoring_backend!r}")
+
+
+def config_summary(cfg) -> str:
+    """One line per field, for the log."""
+    return "\n".join(f"  {f.name} = {getattr(cfg, f.name)!r}" for f in fields(cfg))
+
+
+@dataclass
+class ObjectiveConfig:
+    """The combined SRD-RL loss and the sampling that feeds its RL term."""
+
+    traj_loss_weight: float = 1.0
+    """Weight of flow matching toward the labelled trajectory (the supervised term)."""
+    rl_loss_weight: float = 0.5
+    """Weight of the AWR term; 0 gives plain supervised fine-tuning (no sampling at all)."""
+    consistency_loss_weight: float = 0.1
+    """Weight of the InfoNCE consistency between vision, language and trajectory features."""
+    num_trajectory_samples: int = 4
+    """Policy samples per scene (the label is one more candidate)."""
+    flow_steps: int = 10
+    """Euler steps of the sampler."""
+    noise_scale_step: float = 0.2
+    """Sample i of a scene starts from noise scaled by (1 + noise_scale_step * i)."""
+    awr_mode: str = "best"
+    """'best': train toward the argmax candidate; 'all': every candidate, weighted."""
+    awr_temperature: float = 1.0
+    """Advantage temperature: weight = exp(advantage / awr_temperature)."""
+    awr_max_weight: float = 20.0
+    """Upper clip of the AWR weight."""
+    normalize_advantage: bool = False
+    """Divide advantages by the scene's reward std (ties give zero advantage)."""
+    gate_supervised_loss: bool = False
+    """Scale each scene's supervised trajectory loss by its trust-gate label weight."""
+    consistency_temperature: float = 0.1
+    """InfoNCE temperature."""
+    use_cuda_graph: bool = True
+    """Replay the sampler's Euler loop from a CUDA graph on GPU."""
+
+    def __post_init__(self):
+        for name in ("traj_loss_weight", "rl_loss_weight", "consistency_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_trajectory_samples < 1:
+            raise ValueError(f"num_trajectory_samples must be >= 1, got "
+                             f"{self.num_trajectory_samples}")
+        if self.flow_steps < 1:
+            raise ValueError(f"flow_steps must be >= 1, got {self.flow_steps}")
+        if self.awr_mode not in ("best", "all"):
+            raise ValueError(f"awr_mode must be 'best' or 'all', got {self.awr_mode!r}")
+        if self.awr_temperature <= 0 or self.awr_max_weight <= 0:
+            raise ValueError("awr_temperature and awr_max_weight must be positive")
+        if self.consistency_temperature <= 0:
+            raise ValueError("consistency_temperature must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """What to train on, for how long, and where results go."""
+
+    data_path: str | None = None
+    """Training JSONL. Empty: generate the synthetic off-road data in output_dir/data."""
+    eval_data_path: str | None = None
+    """Validation JSONL. Empty: val.jsonl beside data_path, when it exists."""
+    output_dir: str = "outputs/srdrl"
+    """Checkpoints, metrics (metrics.jsonl, TensorBoard), the exported policy and the report."""
+    policy: str = "tiny"
+    """A policy preset (tiny, bench) built with random weights, or a local directory written
+    by save_pretrained."""
+    deepspeed_config: str = "ds_config.json"
+    """DeepSpeed JSON config; batch sizes, learning rate and bf16 'auto' are filled in from
+    these flags."""
+    zero_stage: int | None = None
+    """Override the config's ZeRO stage (0, 1, 2 or 3)."""
+    per_device_train_batch_size: int = 4
+    """Scenes per device per micro-step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimiser step."""
+    num_train_epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimiser steps to run; -1 runs num_train_epochs."""
+    learning_rate: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps, then cosine decay to 10% of the peak."""
+    seed: int = 0
+    """Seed of the model's initialisation, the data order and every rank's noise."""
+    logging_steps: int = 1
+    """Optimiser steps between metrics lines."""
+    save_steps: int = 0
+    """Optimiser steps between checkpoints; 0 saves only at the end."""
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir (same data order, RNG, scheduler)."""
+    stop_after_steps: int = -1
+    """Save a checkpoint and stop after this many optimiser steps, leaving the schedule of
+    the full run unchanged (for time-sliced jobs: run again with --resume); -1: run to
+    the end."""
+    synthetic_scenes: int = 400
+    """Scenes to generate when data_path is empty."""
+    synthetic_label_noise: float = 0.3
+    """Label noise of the generated scenes."""
+    eval_samples: int = 4
+    """Trajectories sampled per validation scene by the final evaluation; 0 skips it."""
+    local_rank: int = -1
+    """Set by the deepspeed launcher."""
+
+    def __post_init__(self):
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("per_device_train_batch_size and gradient_accumulation_steps "
+                             "must be >= 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError("num_train_epochs must be > 0 when max_steps is -1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.logging_steps < 1 or self.save_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("logging_steps must be >= 1, save_steps and warmup_steps >= 0")
+        if self.data_path is not None and not self.data_path:
+            self.data_path = None
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

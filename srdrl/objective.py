@@ -1,0 +1,202 @@
+"""The SRD-RL objective: language + trajectory + consistency + RL (AWR) losses.
+
+    total = language
+          + traj_loss_weight        * flow_matching(label)
+          + rl_loss_weight          * AWR
+          + consistency_loss_weight * InfoNCE(vision, language, trajectory)
+
+AWR (DESIGN.md, "The RL loss"): candidates per scene are the label (index 0) plus N policy
+samples drawn under no_grad from the same prefix; each is scored by ``srdrl.rewards``;
+advantage = reward - the scene's mean (optionally / its std). Mode ``best`` trains toward
+the argmax candidate with weight min(exp(A / temperature), max_weight); mode ``all``
+trains toward every candidate with that weight. The AWR loss is the flow-matching MSE
+toward the chosen candidates' actions, with gradient through the expert (and through the
+prefix into the VLM unless the policy stops it). A sampled candidate's action is the one
+the sampler produced it from; the label's is ``traj_to_action`` of the label.
+
+``rl_loss_weight = 0`` samples nothing and scores nothing (unless the trust gate scales
+the supervised loss): the result is the supervised loss, bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from srdrl.config import ObjectiveConfig, RewardConfig
+from srdrl.policy.model import Prefix, VLAPolicy
+from srdrl.policy.sampler import sample_trajectories
+from srdrl.rewards import RewardTerms, score_candidates
+
+
+def advantages(reward: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """reward (B, C) minus the scene's mean, optionally over its std. Ties give zeros."""
+    adv = reward - reward.mean(dim=1, keepdim=True)
+    if normalize:
+        std = reward.std(dim=1, keepdim=True, unbiased=False)
+        adv = torch.where(std > 1e-8, adv / std.clamp_min(1e-8), torch.zeros_like(adv))
+    return adv
+
+
+def awr_weights(adv: torch.Tensor, temperature: float, max_weight: float) -> torch.Tensor:
+    """min(exp(A / temperature), max_weight), computed without overflow."""
+    return torch.exp((adv / temperature).clamp(max=torch.log(torch.tensor(max_weight)).item()))
+
+
+class ConsistencyHeads(nn.Module):
+    """Small projections of pooled vision, language and trajectory features to one space."""
+
+    def __init__(self, vision_dim: int, language_dim: int, trajectory_dim: int, dim: int = 64):
+        super().__init__()
+        self.vision = nn.Linear(vision_dim, dim)
+        self.language = nn.Linear(language_dim, dim)
+        self.trajectory = nn.Linear(trajectory_dim, dim)
+
+    @classmethod
+    def for_policy(cls, policy: VLAPolicy, dim: int = 64) -> ConsistencyHeads:
+        c = policy.config
+        return cls(c.text_hidden_size, c.text_hidden_size, c.expert_hidden_size, dim)
+
+
+def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows (differentiable) and this rank's offset; a no-op without a group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between matching rows of a and b (B, D), negatives from all ranks."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    all_a, offset = _gather_rows(a)
+    all_b, _ = _gather_rows(b)
+    target = torch.arange(a.shape[0], device=a.device) + offset
+    loss_ab = F.cross_entropy(a @ all_b.T / temperature, target)
+    loss_ba = F.cross_entropy(b @ all_a.T / temperature, target)
+    return 0.5 * (loss_ab + loss_ba)
+
+
+def trajectory_features(policy: VLAPolicy, actions: torch.Tensor) -> torch.Tensor:
+    """Pooled embedding (B, expert_hidden) of clean actions (B, 64, 2) by action_in_proj."""
+    t = torch.ones(actions.shape[0], device=actions.device)
+    return policy.action_in_proj(actions, t).mean(dim=1)
+
+
+def consistency_loss(heads: ConsistencyHeads, prefix: Prefix, traj_feat: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """Mean of the three pairwise InfoNCE losses."""
+    v = heads.vision(prefix.vision_features.to(heads.vision.weight.dtype))
+    lang = heads.language(prefix.language_features.to(heads.language.weight.dtype))
+    tr = heads.trajectory(traj_feat.to(heads.trajectory.weight.dtype))
+    return (info_nce(v, lang, temperature) + info_nce(v, tr, temperature)
+            + info_nce(lang, tr, temperature)) / 3.0
+
+
+def _score(policy, batch, candidates, label, cfg: RewardConfig) -> RewardTerms:
+    device = candidates.device
+    return score_candidates(
+        batch["images"][:, -1].to(device), candidates, label,
+        batch["ego_history_xyz"].to(device), batch["K"].to(device),
+        batch["T_cam_from_ego"].to(device), batch["reasoning_text"], cfg,
+    )
+
+
+def srdrl_loss(
+    policy: VLAPolicy,
+    heads: ConsistencyHeads | None,
+    batch: dict,
+    cfg: ObjectiveConfig,
+    reward_cfg: RewardConfig,
+    generator: torch.Generator | None = None,
+    samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The total loss for one batch and its metrics (floats, for logging).
+
+    ``samples`` (actions (B, N, 64, 2), trajectories (B, N, 64, 3)) are candidates already
+    drawn by the caller (ZeRO-3 draws them outside the engine's forward, with the
+    parameters gathered); by default they are drawn here from this step's prefix.
+    """
+    device = policy.device
+    label = batch["trajectory"].to(device=device, dtype=torch.float32)  # (B, T, 3)
+    history = batch["ego_history_xyz"].to(device=device, dtype=torch.float32)
+    prefix = policy.encode_prefix(batch)
+    with torch.no_grad():
+        label_actions = policy.action_space.traj_to_action(label, history)  # (B, T, 2)
+
+    # Supervised terms first, so that their random draws are the same whatever the RL term.
+    traj_per_scene = policy.flow_matching_loss(prefix, label_actions, generator=generator,
+                                               reduction="none")  # (B,)
+    consistency = label.new_zeros(())
+    if cfg.consistency_loss_weight > 0 and heads is not None:
+        feats = trajectory_features(policy, label_actions)
+        consistency = consistency_loss(heads, prefix, feats, cfg.consistency_temperature)
+
+    metrics: dict[str, torch.Tensor] = {}
+    awr = label.new_zeros(())
+    gt_weight = None
+    if cfg.rl_loss_weight > 0:
+        if samples is None:
+            with torch.no_grad():  # sampling is not differentiated
+                samples = sample_trajectories(
+                    policy, batch, cfg.num_trajectory_samples, steps=cfg.flow_steps,
+                    noise_scale_step=cfg.noise_scale_step, generator=generator,
+                    use_cuda_graph=cfg.use_cuda_graph, prefix=prefix.detach(),
+                )
+        actions, trajs = (x.to(device) for x in samples)
+        candidates = torch.cat([label[:, None], trajs], dim=1)  # (B, 1 + N, T, 3)
+        cand_actions = torch.cat([label_actions[:, None], actions], dim=1)  # (B, 1 + N, T, 2)
+        terms = _score(policy, batch, candidates, label, reward_cfg)
+        adv = advantages(terms.reward, cfg.normalize_advantage)  # (B, C)
+        weights = awr_weights(adv, cfg.awr_temperature, cfg.awr_max_weight)
+        if cfg.awr_mode == "best":
+            best = terms.reward.argmax(dim=1)  # (B,)
+            rows = torch.arange(best.shape[0], device=device)
+            weights = weights[rows, best]  # (B,)
+            awr = policy.flow_matching_loss(prefix, cand_actions[rows, best], weights=weights,
+                                            generator=generator)
+        else:
+            awr = policy.flow_matching_loss(prefix, cand_actions, weights=weights,
+                                            generator=generator)
+        gt_weight = terms.gt_weight
+        metrics.update(_reward_metrics(terms, adv, weights))
+    elif cfg.gate_supervised_loss:  # the gate needs the label's own safety and danger
+        gt_weight = _score(policy, batch, label[:, None], label, reward_cfg).gt_weight
+
+    if cfg.gate_supervised_loss and gt_weight is not None:
+        traj = (traj_per_scene * gt_weight.to(traj_per_scene)).mean()
+    else:
+        traj = traj_per_scene.mean()
+    total = prefix.language_loss + cfg.traj_loss_weight * traj
+    if cfg.consistency_loss_weight > 0 and heads is not None:
+        total = total + cfg.consistency_loss_weight * consistency
+    if cfg.rl_loss_weight > 0:
+        total = total + cfg.rl_loss_weight * awr
+    metrics.update(loss=total, language_loss=prefix.language_loss, traj_loss=traj,
+                   consistency_loss=consistency, awr_loss=awr)
+    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
+    return total, dict(zip(metrics, values))  # one host sync for all metrics
+
+
+def _reward_metrics(terms: RewardTerms, adv: torch.Tensor, weights: torch.Tensor) -> dict:
+    """Reward metrics as 0-d tensors. gt_sim averages the policy samples only (the label's
+    own is 1); visible_fraction counts candidates with at least one visible waypoint."""
+    best = terms.reward.argmax(dim=1)
+    return {
+        "reward_mean": terms.reward.mean(),
+        "reward_best": terms.reward.max(dim=1).values.mean(),
+        "gt_is_best": (best == 0).float().mean(),
+        "safety": terms.safety.mean(),
+        "gt_sim": terms.gt_sim[:, 1:].mean(),
+        "reasoning": terms.alignment.mean(),
+        "awr_weight_mean": weights.mean(),
+        "awr_weight_min": weights.min(),
+        "awr_weight_max": weights.max(),
+        "advantage_std": adv.std(unbiased=False),
+        "visible_fraction": terms.visible.any(dim=-1).float().mean(),
+        "gate_fired": terms.gate_fired.float().mean(),
+        "gt_weight": terms.gt_weight.mean(),
+    }

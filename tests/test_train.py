@@ -1,0 +1,118 @@
+"""The trainer: bad configs fail early, resume is exact, 2 ranks equal 1 process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from srdrl.config import TrainConfig
+from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
+from srdrl.train import parse_args, resolve_deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_CONFIG = ROOT / "ds_config.json"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    make_dataset(SyntheticDataConfig(out=str(root), num_scenes=14, width=128, height=96,
+                                     seed=4, label_noise=0.5), progress=False)
+    return root / "train.jsonl"
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _train(out, data, *flags, ranks=None, batch=2):
+    common = ["--data_path", str(data), "--output_dir", str(out), "--deepspeed_config",
+              str(DS_CONFIG), "--per_device_train_batch_size", str(batch), "--max_steps", "3",
+              "--eval_samples", "0", "--num_trajectory_samples", "2", "--flow_steps", "2",
+              "--scoring_backend", "kornia", "--warmup_steps", "1", *flags]
+    if ranks is None:
+        cmd = [sys.executable, "-m", "srdrl.train", *common]
+    else:
+        launcher = shutil.which("deepspeed")
+        if launcher is None:
+            pytest.skip("the deepspeed launcher is not on PATH")
+        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 500),
+               "--module", "srdrl.train", *common]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(rows):
+    return [(r["step"], r["loss"], r["traj_loss"], r["awr_loss"], r["language_loss"])
+            for r in rows]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, data):
+    unbroken = _train(tmp_path / "a", data)
+    first = _train(tmp_path / "b", data, "--stop_after_steps", "1")
+    assert [r["step"] for r in first] == [1]
+    resumed = _train(tmp_path / "b", data, "--resume")  # metrics.jsonl is appended to
+    assert _losses(resumed) == _losses(unbroken)  # bit for bit, on CPU
+    assert (tmp_path / "b" / "policy" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_process(tmp_path, data, stage):
+    single = _train(tmp_path / "one", data, "--zero_stage", str(stage), batch=2)
+    double = _train(tmp_path / "two", data, "--zero_stage", str(stage), ranks=2, batch=1)
+    for s, d in zip(_losses(single), _losses(double), strict=True):
+        assert s[0] == d[0]
+        assert s[1:] == pytest.approx(d[1:], rel=1e-4, abs=1e-5), (s, d)
+
+
+def test_bad_configs_fail_early(tmp_path, data, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--zero_stage", "5"])
+    assert "zero_stage must be 0, 1, 2 or 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--max_steps", "0"])
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    with pytest.raises(ValueError, match="unknown ZeRO stage 7"):
+        resolve_deepspeed_config(TrainConfig(deepspeed_config=str(bad)), 1)
+    bad.write_text(json.dumps({"train_batch_size": 6}))
+    with pytest.raises(ValueError, match=r"train_batch_size 6 is not .* = 8"):
+        resolve_deepspeed_config(TrainConfig(deepspeed_config=str(bad),
+                                             per_device_train_batch_size=4), 2)
+    with pytest.raises(FileNotFoundError, match="DeepSpeed config not found"):
+        resolve_deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "no.json")), 1)
+    ds = resolve_deepspeed_config(TrainConfig(deepspeed_config=str(DS_CONFIG),
+                                              per_device_train_batch_size=3,
+                                              gradient_accumulation_steps=2), 4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["bf16"]["enabled"] is False  # "auto" on a machine without CUDA
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_missing_data_path_fails_with_its_name(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "srdrl.train", "--data_path",
+                          str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "o"),
+                          "--deepspeed_config", str(DS_CONFIG)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "--data_path" in run.stderr and "nope.jsonl" in run.stderr
+
+
+def test_help_explains_every_flag():
+    run = subprocess.run([sys.executable, "-m", "srdrl.train", "--help"], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0
+    for flag, words in [("--rl_loss_weight", "AWR"), ("--gt_trust_min", "Label weight"),
+                        ("--resume", "latest checkpoint"), ("--data_path", "synthetic")]:
+        entry = run.stdout.split(f"\n  {flag} ", 1)[1][:400]  # the flag's help entry
+        assert words in " ".join(entry.split()), flag
