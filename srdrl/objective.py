@@ -28,6 +28,7 @@ from srdrl.config import ObjectiveConfig, RewardConfig
 from srdrl.policy.model import Prefix, VLAPolicy
 from srdrl.policy.sampler import sample_trajectories
 from srdrl.rewards import RewardTerms, score_candidates
+from srdrl.timing import NULL_TIMER
 
 
 def advantages(reward: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -113,34 +114,39 @@ def srdrl_loss(
     reward_cfg: RewardConfig,
     generator: torch.Generator | None = None,
     samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+    timer=NULL_TIMER,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The total loss for one batch and its metrics (floats, for logging).
 
     ``samples`` (actions (B, N, 64, 2), trajectories (B, N, 64, 3)) are candidates already
     drawn by the caller (ZeRO-3 draws them outside the engine's forward, with the
     parameters gathered); by default they are drawn here from this step's prefix.
+    ``timer.section(name)`` brackets the phases (vlm_forward, supervised, sampling,
+    scoring, awr) for benchmarks.
     """
     device = policy.device
     label = batch["trajectory"].to(device=device, dtype=torch.float32)  # (B, T, 3)
     history = batch["ego_history_xyz"].to(device=device, dtype=torch.float32)
-    prefix = policy.encode_prefix(batch)
-    with torch.no_grad():
+    with timer.section("vlm_forward"):
+        prefix = policy.encode_prefix(batch)
+    with timer.section("supervised"), torch.no_grad():
         label_actions = policy.action_space.traj_to_action(label, history)  # (B, T, 2)
 
     # Supervised terms first, so that their random draws are the same whatever the RL term.
-    traj_per_scene = policy.flow_matching_loss(prefix, label_actions, generator=generator,
-                                               reduction="none")  # (B,)
-    consistency = label.new_zeros(())
-    if cfg.consistency_loss_weight > 0 and heads is not None:
-        feats = trajectory_features(policy, label_actions)
-        consistency = consistency_loss(heads, prefix, feats, cfg.consistency_temperature)
+    with timer.section("supervised"):
+        traj_per_scene = policy.flow_matching_loss(prefix, label_actions, generator=generator,
+                                                   reduction="none")  # (B,)
+        consistency = label.new_zeros(())
+        if cfg.consistency_loss_weight > 0 and heads is not None:
+            feats = trajectory_features(policy, label_actions)
+            consistency = consistency_loss(heads, prefix, feats, cfg.consistency_temperature)
 
     metrics: dict[str, torch.Tensor] = {}
     awr = label.new_zeros(())
     gt_weight = None
     if cfg.rl_loss_weight > 0:
         if samples is None:
-            with torch.no_grad():  # sampling is not differentiated
+            with torch.no_grad(), timer.section("sampling"):  # not differentiated
                 samples = sample_trajectories(
                     policy, batch, cfg.num_trajectory_samples, steps=cfg.flow_steps,
                     noise_scale_step=cfg.noise_scale_step, generator=generator,
@@ -149,18 +155,20 @@ def srdrl_loss(
         actions, trajs = (x.to(device) for x in samples)
         candidates = torch.cat([label[:, None], trajs], dim=1)  # (B, 1 + N, T, 3)
         cand_actions = torch.cat([label_actions[:, None], actions], dim=1)  # (B, 1 + N, T, 2)
-        terms = _score(policy, batch, candidates, label, reward_cfg)
-        adv = advantages(terms.reward, cfg.normalize_advantage)  # (B, C)
-        weights = awr_weights(adv, cfg.awr_temperature, cfg.awr_max_weight)
-        if cfg.awr_mode == "best":
-            best = terms.reward.argmax(dim=1)  # (B,)
-            rows = torch.arange(best.shape[0], device=device)
-            weights = weights[rows, best]  # (B,)
-            awr = policy.flow_matching_loss(prefix, cand_actions[rows, best], weights=weights,
-                                            generator=generator)
-        else:
-            awr = policy.flow_matching_loss(prefix, cand_actions, weights=weights,
-                                            generator=generator)
+        with timer.section("scoring"):
+            terms = _score(policy, batch, candidates, label, reward_cfg)
+        with timer.section("awr"):
+            adv = advantages(terms.reward, cfg.normalize_advantage)  # (B, C)
+            weights = awr_weights(adv, cfg.awr_temperature, cfg.awr_max_weight)
+            if cfg.awr_mode == "best":
+                best = terms.reward.argmax(dim=1)  # (B,)
+                rows = torch.arange(best.shape[0], device=device)
+                weights = weights[rows, best]  # (B,)
+                awr = policy.flow_matching_loss(prefix, cand_actions[rows, best],
+                                                weights=weights, generator=generator)
+            else:
+                awr = policy.flow_matching_loss(prefix, cand_actions, weights=weights,
+                                                generator=generator)
         gt_weight = terms.gt_weight
         metrics.update(_reward_metrics(terms, adv, weights))
     elif cfg.gate_supervised_loss:  # the gate needs the label's own safety and danger
@@ -178,7 +186,7 @@ def srdrl_loss(
     metrics.update(loss=total, language_loss=prefix.language_loss, traj_loss=traj,
                    consistency_loss=consistency, awr_loss=awr)
     values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
-    return total, dict(zip(metrics, values))  # one host sync for all metrics
+    return total, dict(zip(metrics, values, strict=True))  # one host sync for all metrics
 
 
 def _reward_metrics(terms: RewardTerms, adv: torch.Tensor, weights: torch.Tensor) -> dict:

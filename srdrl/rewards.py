@@ -43,7 +43,8 @@ def danger_confidence(text: str) -> float:
 # An intent is an instruction: a motion verb, a few filler words, then the direction.
 # A location ("mud on the left", "the left side is blocked") has no motion verb in front
 # of its direction word, so it is not an intent.
-_VERB = r"(?:steer|mov|keep|shift|nudg|swerv|veer|go|turn|stay|pass|detour|bear|head|driv|pull|edg|hug)\w*"
+_VERB = (r"(?:steer|mov|keep|shift|nudg|swerv|veer|go|turn|stay|pass|detour|bear|head|driv"
+         r"|pull|edg|hug)\w*")
 _FILLER = r"(?:it|over|slightly|a|bit|little|gently|well|around|to|the|on|towards?|further|more)"
 _LATERAL = re.compile(rf"\b{_VERB}(?:\s+{_FILLER})*\s+(left|right)\b", re.IGNORECASE)
 _STRAIGHT = re.compile(

@@ -46,6 +46,7 @@ from srdrl.data.dataset import JsonlDataset, collate
 from srdrl.objective import ConsistencyHeads, srdrl_loss
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer, sample_trajectories
 from srdrl.policy.noise import SceneNoise, scene_seed
+from srdrl.timing import NULL_TIMER
 
 CHECKPOINTS = "checkpoints"
 EXPORT = "policy"
@@ -161,9 +162,9 @@ class SRDRLModule(nn.Module):
         self.policy = policy
         self.heads = ConsistencyHeads.for_policy(policy)
 
-    def forward(self, batch, objective, rewards, generator, samples=None):
+    def forward(self, batch, objective, rewards, generator, samples=None, timer=NULL_TIMER):
         return srdrl_loss(self.policy, self.heads, batch, objective, rewards, generator,
-                          samples=samples)
+                          samples=samples, timer=timer)
 
 
 class ResumableSampler(Sampler):
@@ -401,7 +402,7 @@ def log_step(sums, count, step, dt, scenes_per_step, lr, writer, metrics_file, b
     values = torch.tensor([sums[k] / count for k in keys], dtype=torch.float64)
     torch.distributed.all_reduce(values)
     values /= torch.distributed.get_world_size()
-    metrics = dict(zip(keys, values.tolist()))
+    metrics = dict(zip(keys, values.tolist(), strict=True))
     metrics.update(step=step, lr=lr, step_time_s=dt, scenes_per_s=scenes_per_step / max(dt, 1e-9))
     if rank == 0:
         order = ["loss", "language_loss", "traj_loss", "awr_loss", "consistency_loss",

@@ -34,7 +34,7 @@ def draw_trajectories(
     draw = ImageDraw.Draw(pic)
     Kt, Tt = torch.as_tensor(K, dtype=torch.float64), torch.as_tensor(T_cam_from_ego,
                                                                       dtype=torch.float64)
-    for traj, colour in zip(trajectories, colours):
+    for traj, colour in zip(trajectories, colours, strict=True):
         pts = torch.as_tensor(np.asarray(traj, dtype=np.float64))
         if pts.shape[-1] == 2:
             pts = torch.cat([pts, torch.zeros_like(pts[:, :1])], dim=-1)
@@ -42,7 +42,7 @@ def draw_trajectories(
         vis = visible(uv, z, w, h).numpy()
         uv = (uv.numpy() + 0.5) * scale - 0.5
         run: list[tuple[float, float]] = []
-        for point, ok in zip(uv, vis):
+        for point, ok in zip(uv, vis, strict=True):
             if ok:
                 run.append((float(point[0]), float(point[1])))
             elif run:

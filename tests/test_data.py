@@ -52,7 +52,7 @@ def test_noise_levels_share_scenes(tmp_path):
     assert not any(r["label_noisy"] for r in clean)
     assert all(r["trajectory"] == r["clean_trajectory"] for r in clean)
     n_noisy = 0
-    for r0, r1 in zip(clean, noisy):
+    for r0, r1 in zip(clean, noisy, strict=True):
         assert r0["clean_trajectory"] == r1["clean_trajectory"]
         assert r0["reasoning"] == r1["reasoning"]
         in_path = any(h["in_path"] for h in r1["hazards"])

@@ -204,6 +204,13 @@ def test_given_reference_colour(backend):
     assert_matches(run_backend(backend, scenes, expected, ref_rgb=ref_rgb, patch_size=5), expected)
 
 
+def test_triton_reference_colour_from_several_row_groups():
+    # 100x700: the bottom-centre region (20 x 140 px) is summed by 2 programs per scene.
+    scenes = make_scenes(2, 1, 5, 100, 700, seed=16, specials=False, blind_candidate=False)
+    expected = reference(scenes, patch_size=5)
+    assert_matches(run_backend("triton", scenes, expected, patch_size=5), expected)
+
+
 def test_reference_semantics():
     scenes = make_scenes(2, 2, 15, 37, 53, seed=7)
     result = reference(scenes)

@@ -163,7 +163,7 @@ class JsonlDataset(torch.utils.data.Dataset):
         rec = self.records[index]
         frames = [load_image(p) for p in rec["frame_paths"]]
         h, w = frames[-1].shape[:2]
-        for p, f in zip(rec["frame_paths"], frames):
+        for p, f in zip(rec["frame_paths"], frames, strict=True):
             if f.shape[:2] != (h, w):
                 raise DataError(f"{p}: frame size {f.shape[1]}x{f.shape[0]} differs from the "
                                 f"t0 frame's {w}x{h} in {rec['sample_id']}")

@@ -88,7 +88,8 @@ def render_frame(
         if hazard.kind == "mud":  # wet glints: sparse bright specks
             glints[inside] = (rng.random(int(inside.sum())) < 0.04) * 60.0
         elif hazard.kind == "rocks":  # stones: bright tops and dark gaps
-            glints[inside] = rng.choice([-40.0, 0.0, 40.0], size=int(inside.sum()), p=[0.1, 0.8, 0.1])
+            glints[inside] = rng.choice([-40.0, 0.0, 40.0], size=int(inside.sum()),
+                                        p=[0.1, 0.8, 0.1])
 
     luminance_noise = rng.standard_normal(x.shape, dtype=np.float32) * sigma + glints
     ground_rgb = scene.colour_gain * rgb + luminance_noise[..., None]

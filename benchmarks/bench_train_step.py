@@ -1,0 +1,195 @@
+"""Benchmark: one SRD-RL training step at the `bench` policy, split into its phases.
+
+Variants, each a fresh DeepSpeed engine on the same batch (bf16, torch AdamW, 1 GPU):
+
+  zero2_graph   ZeRO-2, sampler replayed from a CUDA graph, Triton scoring (the default)
+  zero2_eager   ZeRO-2, eager sampler, Triton scoring
+  zero3         ZeRO-3, parameters gathered, eager sampler before the forward pass
+  original      the original pipeline's choices: one candidate at a time (each sample
+                re-encodes its scene and runs its own Euler loop at batch 1) and the
+                OpenCV reference loop for scoring, ZeRO-2
+
+Per variant: median step time (CUDA events around forward + backward + optimiser step,
+after warm-up), the split into vlm_forward / supervised / sampling / scoring / awr /
+backward / optimizer_step (CUDA events, summed per phase), scenes/s and peak device memory
+over the timed steps. Targets: sampling + scoring <= 25% of the step; the step >= 5x the
+original pipeline; ZeRO-3 peak memory below ZeRO-2's (needs several GPUs to show: with one
+rank ZeRO-3 has nothing to partition across).
+
+    python benchmarks/bench_train_step.py [--scenes 8 --samples 4 --steps 10]
+
+Prints the GPU, versions and a table last; writes $OUT/bench_train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("zero2_graph", "zero2_eager", "zero3", "original")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--scenes", type=int, default=8, help="B, scenes per step")
+    p.add_argument("--samples", type=int, default=4, help="N, policy samples per scene")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--original-steps", type=int, default=2, help="timed steps of 'original'")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=384)
+    return p.parse_args(argv)
+
+
+def one_at_a_time(policy, batch, num_samples, steps, noise_scale_step, generator,
+                  use_cuda_graph, prefix=None):
+    """The original prototype's sampler: every candidate re-encodes its scene and runs its
+    own Euler loop at batch 1."""
+    from srdrl.policy import sample_trajectories
+
+    acts, trajs = [], []
+    for b in range(len(batch["reasoning_text"])):
+        scene = {k: (v[b:b + 1] if isinstance(v, (torch.Tensor, list)) else v)
+                 for k, v in batch.items()}
+        for _ in range(num_samples):
+            a, t = sample_trajectories(policy, scene, 1, steps=steps, use_cuda_graph=False)
+            acts.append(a)
+            trajs.append(t)
+    n = num_samples
+    return (torch.cat(acts).view(-1, n, *acts[0].shape[2:]),
+            torch.cat(trajs).view(-1, n, *trajs[0].shape[2:]))
+
+
+def run_variant(name, args, batch, texts):
+    import deepspeed
+
+    import srdrl.objective as objective_module
+    from srdrl.config import ObjectiveConfig, RewardConfig
+    from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
+    from srdrl.policy.noise import SceneNoise
+    from srdrl.timing import SectionTimer
+    from srdrl.train import SRDRLModule, sample_gathered
+
+    stage = 3 if name == "zero3" else 2
+    ds = {"train_micro_batch_size_per_gpu": args.scenes, "gradient_accumulation_steps": 1,
+          "train_batch_size": args.scenes, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": stage},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
+          "steps_per_print": 10**9}
+    objective = ObjectiveConfig(num_trajectory_samples=args.samples,
+                                use_cuda_graph=(name == "zero2_graph"))
+    rewards = RewardConfig(scoring_backend="reference" if name == "original" else "triton")
+    torch.manual_seed(0)
+    config = PolicyConfig.preset(args.preset)
+    module = SRDRLModule(VLAPolicy(config, build_tokenizer(config, texts)))
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                      config=ds)
+    real_sampler = objective_module.sample_trajectories
+    if name == "original":
+        objective_module.sample_trajectories = one_at_a_time
+    timer = SectionTimer()
+    steps, splits = [], []
+    timed = args.original_steps if name == "original" else args.steps
+    try:
+        for i in range(args.warmup + timed):
+            if i == args.warmup:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                timer.collect()
+            noise = SceneNoise(list(range(i * args.scenes, (i + 1) * args.scenes)))
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            samples = None
+            if stage == 3:
+                with timer.section("sampling"):
+                    samples = sample_gathered(engine, batch, objective, noise)
+            loss, _ = engine(batch, objective, rewards, noise, samples, timer)
+            with timer.section("backward"):
+                engine.backward(loss)
+            with timer.section("optimizer_step"):
+                engine.step()
+            end.record()
+            split = timer.collect()  # synchronises
+            if i >= args.warmup:
+                steps.append(start.elapsed_time(end))
+                splits.append(split)
+        peak = torch.cuda.max_memory_allocated()
+    finally:
+        objective_module.sample_trajectories = real_sampler
+    median = statistics.median(steps)
+    phases = {k: statistics.median(s.get(k, 0.0) for s in splits)
+              for k in sorted({k for s in splits for k in s})}
+    result = {"step_ms_median": median, "step_ms_all": steps, "phases_ms": phases,
+              "scenes_per_s": args.scenes / (median / 1e3), "peak_memory_gib": peak / 2**30,
+              "sampling_plus_scoring_fraction":
+                  (phases.get("sampling", 0) + phases.get("scoring", 0)) / median}
+    del engine, module
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_train_step needs CUDA")
+        return 1
+    from srdrl.data.dataset import JsonlDataset, collate
+    from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
+    from srdrl.train import init_distributed
+
+    init_distributed()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_dataset(SyntheticDataConfig(out=tmp, num_scenes=args.scenes + 2, width=args.width,
+                                         height=args.height, seed=0), progress=False)
+        ds = JsonlDataset(Path(tmp) / "train.jsonl")
+        batch = collate([ds[i] for i in range(args.scenes)])
+        texts = [r["reasoning"] for r in ds.records]
+    results = {}
+    for name in args.variants:
+        results[name] = run_variant(name, args, batch, texts)
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "step_ms_all"}),
+              flush=True)
+    import deepspeed
+    import triton
+
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "deepspeed": deepspeed.__version__,
+            "scenes": args.scenes, "samples": args.samples, "preset": args.preset,
+            "image": f"{args.width}x{args.height}"}
+    ratios = {}
+    if "original" in results and "zero2_graph" in results:
+        ratios["zero2_graph_vs_original"] = (results["original"]["step_ms_median"]
+                                             / results["zero2_graph"]["step_ms_median"])
+    if "zero2_eager" in results and "zero2_graph" in results:
+        ratios["graph_vs_eager_step"] = (results["zero2_eager"]["step_ms_median"]
+                                         / results["zero2_graph"]["step_ms_median"])
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_train_step.json").write_text(json.dumps(
+        {"info": info, "results": results, "ratios": ratios}, indent=2))
+    print(f"\n{info}")
+    cols = ["vlm_forward", "supervised", "sampling", "scoring", "awr", "backward",
+            "optimizer_step"]
+    print(f"{'variant':<12} {'step ms':>9} {'scenes/s':>9} {'peak GiB':>9} {'samp+score':>10} "
+          + " ".join(f"{c[:9]:>9}" for c in cols))
+    for name, r in results.items():
+        print(f"{name:<12} {r['step_ms_median']:9.1f} {r['scenes_per_s']:9.1f} "
+              f"{r['peak_memory_gib']:9.2f} {100 * r['sampling_plus_scoring_fraction']:9.1f}% "
+              + " ".join(f"{r['phases_ms'].get(c, 0.0):9.1f}" for c in cols))
+    for k, v in ratios.items():
+        print(f"{k}: {v:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
