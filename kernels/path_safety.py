@@ -25,6 +25,7 @@ Backends, all with the same semantics (``reference.py`` is the oracle):
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -154,6 +155,9 @@ def path_safety(
                     colour_scale, ref_rgb, backend, check_finite)
     if backend == "auto":
         backend = "triton" if images.is_cuda else "kornia"
+    if backend == "triton" and not images.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                         "before triton is imported); use backend='kornia' on the CPU")
     images = images.contiguous()
     trajectories = trajectories.contiguous()
     kwargs = dict(patch_size=patch_size, texture_scale=float(texture_scale),

@@ -16,14 +16,7 @@ import torch
 from srdrl.camera import project_points, visible
 
 from .path_safety import PathSafety
-from .reference import reference_colour
-
-# OpenCV's RGB2GRAY for uint8 is fixed point with 15 fractional bits, rounded half up
-# (0.299, 0.587, 0.114 scaled by 2^15, summing to exactly 2^15). The 14-bit weights
-# (4899, 9617, 1868) of its YUV code differ on 43864 of the 2^24 colours; the test checks
-# all of them against cv2.
-GRAY_SHIFT = 15
-GRAY_WEIGHTS = (9798, 19235, 3735)
+from .reference import GRAY_SHIFT, GRAY_WEIGHTS, reference_colour
 
 # cv2.Laplacian with ksize=1.
 LAPLACIAN_4 = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])

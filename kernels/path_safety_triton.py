@@ -23,12 +23,17 @@ row's 3 * P bytes come in as 3 coalesced byte loads per lane and every byte of t
 is loaded exactly once (nothing else of the image is touched). The vertical neighbours are
 the previous and next rows, already in registers; the horizontal ones come from the
 neighbouring lanes with ``tl.gather`` within the warp, which lowers to two shuffles. So the
-4-neighbourhood costs no reloads. Versions measured worse on an H100 (B=64, N=16, T=64):
-a 32x32 tile per program with the Laplacian as two tensor-core products (L = A G + G A^T,
-exact in fp16) spent ~200 instructions per pixel on layout conversions (1.4 ms); the row
-walk fully unrolled held 186 registers per thread (340 us against 145 us unrolled by 4);
-splitting a patch's rows over several warps added halo loads and per-row index work
-(300+ us).
+4-neighbourhood costs no reloads. The variance comes from the Laplacian's integer moments,
+exact in int64 (see the kernel).
+
+Measured on an H100 (benchmarks/bench_path_safety.py, L2 flushed before each call, CUDA
+graph): B=8, N=4, T=64, P=32 on 1280x720 frames in 15.5 us (12.5 us with ``ref_rgb``
+given); B=64, N=16, T=64 in 137 us, 49 % of the device copy bandwidth on the patch bytes
+(126 us, 53 %, with ``ref_rgb``). Versions that measured worse: a 32x32 tile per program
+with the Laplacian as two tensor-core products (L = A G + G A^T, exact in fp16) spent ~200
+instructions per pixel on layout conversions (1.4 ms at B=64); the row walk fully unrolled
+held 186 registers per thread (340 us against 130 us unrolled by 4); splitting a patch's
+rows over several warps added halo loads and per-row index work (300+ us).
 
 Projection: from K and T inside the kernel (21 scalar loads, a few float64 operations per
 waypoint) rather than from a K @ T precomputed with torch: that bmm and its casts measured
@@ -44,8 +49,7 @@ import triton.language as tl
 from srdrl.camera import MIN_DEPTH
 
 from .path_safety import PathSafety
-from .path_safety_kornia import GRAY_SHIFT, GRAY_WEIGHTS
-from .reference import reference_region
+from .reference import GRAY_SHIFT, GRAY_WEIGHTS, reference_region
 
 ROW_UNROLL = 4
 """Unroll factor of the loop over a patch's rows (measured best of 2, 4, 8 on an H100)."""
@@ -105,10 +109,13 @@ def _reference_colour_kernel(
 ):
     scene = tl.program_id(0)
     group = tl.program_id(1)
-    r = group * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1) region-local row
-    c = tl.arange(0, COLS)[None, :]  # (1, COLS) region-local column
+    # A flat index over the tile keeps consecutive lanes on consecutive pixels of a row
+    # (coalesced); a 2D (ROWS, COLS) tile of stride-3 pointers got rows across the lanes.
+    p = tl.arange(0, ROWS * COLS)
+    r = group * ROWS + p // COLS  # region-local row
+    c = p % COLS  # region-local column
     scene_base = image_ptr + scene.to(tl.int64) * height * width * 3
-    pixel = scene_base + ((row0 + r) * width + col0 + c) * 3  # (ROWS, COLS) pointers
+    pixel = scene_base + ((row0 + r) * width + col0 + c) * 3  # (ROWS * COLS,) pointers
     live = (r < region_rows) & (c < region_cols)
     out = partial_ptr + (scene * tl.num_programs(1) + group) * 3
     for channel in tl.static_range(3):
@@ -203,8 +210,10 @@ def _patch_statistics_kernel(
     row_bytes = width * 3
     pixel = image_ptr + scene.to(tl.int64) * height * row_bytes + (row0 * width + col0 + j) * 3
 
-    # Row 0: its upper neighbour reflects to row 1, like the lower one (a 1-row crop
-    # reflects onto itself).
+    # Row 0, peeled out of the loop: its upper neighbour reflects to row 1, like the lower
+    # one (a 1-row crop reflects onto itself). An earlier loop that chose the upper row
+    # with tl.where(i > 0, ...) was right in the interpreter but wrong compiled (Triton
+    # 3.6, H100); the tests on CUDA would catch a regression.
     cur, sum_red, sum_green, sum_blue = _load_gray_row(
         pixel, j < tl.where(rows > 0, cols, 0), W_RED, W_GREEN, W_BLUE, SHIFT)
     nxt, red, green, blue = _load_gray_row(
@@ -219,7 +228,7 @@ def _patch_statistics_kernel(
     prev = cur
     cur = nxt
     # A row loop unrolled ROW_UNROLL times: enough rows in flight per warp to hide the
-    # load latency at ~55 registers (a full unroll held 186 and ran at 2.4x the time).
+    # load latency at ~55 registers (a full unroll held 186 and ran at 2.6x the time).
     for i in tl.range(1, PATCH, loop_unroll_factor=ROW_UNROLL):
         cur_next, lap_sum, lap_sq_sum, sum_red, sum_green, sum_blue = _laplacian_row(
             i, pixel, row_bytes, j, rows, cols, west, east, prev, cur, lap_sum, lap_sq_sum,
@@ -332,14 +341,16 @@ def path_safety_triton(
     images = images.contiguous()
 
     r0, r1, c0, c1 = reference_region(H, W)
+    # Tiles of ~1024 pixels over 8 warps: many short programs (4096-pixel tiles over 4
+    # warps ran 2x longer).
     ref_cols = triton.next_power_of_2(c1 - c0)
-    ref_rows = min(triton.next_power_of_2(r1 - r0), max(1, 4096 // ref_cols))
+    ref_rows = min(triton.next_power_of_2(r1 - r0), max(1, 1024 // ref_cols))
     groups = triton.cdiv(r1 - r0, ref_rows)  # programs per scene, one tile each
     if ref_rgb is None:
         ref = torch.empty(B, groups, 3, dtype=torch.int32, device=device)  # partial sums
         _reference_colour_kernel[(B, groups)](
             images, ref, H, W, r0, c0, r1 - r0, c1 - c0,
-            ROWS=ref_rows, COLS=ref_cols, num_warps=4,
+            ROWS=ref_rows, COLS=ref_cols, num_warps=8,
         )
     else:
         ref = ref_rgb.to(torch.float32).contiguous()  # (B, 3)
@@ -354,11 +365,13 @@ def path_safety_triton(
         W_RED=GRAY_WEIGHTS[0], W_GREEN=GRAY_WEIGHTS[1], W_BLUE=GRAY_WEIGHTS[2],
         SHIFT=GRAY_SHIFT, num_warps=max(1, triton.next_power_of_2(patch_size) // 64),
     )
+    # One warp per program over a small (candidates, T) tile: a 32 x 64 tile held 251
+    # registers per thread (a pointer per element) and took 8 us at the small size.
     t_block = min(triton.next_power_of_2(T), 1024)
-    candidates = max(1, 2048 // t_block)
+    candidates = max(1, 128 // t_block)
     _candidate_safety_kernel[(triton.cdiv(B * N, candidates),)](
         out.variance, out.colour_distance, out.visible.view(torch.uint8), out.safety,
         B * N, T, float(texture_scale), float(colour_scale),
-        CANDIDATES=candidates, T_BLOCK=t_block,
+        CANDIDATES=candidates, T_BLOCK=t_block, num_warps=1,
     )
     return out

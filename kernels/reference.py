@@ -17,6 +17,13 @@ from srdrl.camera import project_points, visible
 
 from .path_safety import PathSafety
 
+# OpenCV's RGB2GRAY for uint8 is fixed point with 15 fractional bits, rounded half up
+# (0.299, 0.587, 0.114 scaled by 2^15, summing to exactly 2^15). The 14-bit weights
+# (4899, 9617, 1868) of its YUV code differ on 43864 of the 2^24 colours; the test checks
+# all of them against cv2.
+GRAY_SHIFT = 15
+GRAY_WEIGHTS = (9798, 19235, 3735)
+
 
 def reference_region(height: int, width: int) -> tuple[int, int, int, int]:
     """Rows r0..r1 and columns c0..c1 (exclusive ends) of the bottom-centre region.

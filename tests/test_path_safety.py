@@ -241,6 +241,7 @@ def test_empty_waypoints(backend):
     assert (result.safety == 0.5).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN in
 @pytest.mark.parametrize("backend", ["kornia", "triton"])
 def test_unchecked_non_finite_points_are_invisible(backend):
     scenes = make_scenes(1, 2, 4, 37, 53, seed=10, blind_candidate=False)
@@ -335,6 +336,13 @@ def test_bad_inputs_raise(case):
     mutate(kwargs)
     with pytest.raises(error, match=match):
         path_safety(**kwargs)
+
+
+def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    scenes = make_scenes(1, 1, 2, 37, 53, seed=17)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        path_safety(**scenes, backend="triton")
 
 
 # ---------------------------------------------------------------------- GPU only
