@@ -1,23 +1,56 @@
-"""Metrics of a trained policy on held-out scenes (evaluation-only fields of the data).
+"""Evaluation: a trained policy on held-out scenes, and the trust gate on training labels.
 
-The prediction of a scene is its first sample (noise scale 1); min-ADE takes the best of
-the K samples. Scenes need ``clean_trajectory`` and ``hazards`` for the safety and
-accuracy metrics; the labels' own figures are reported beside the policy's for reference.
+``evaluate_policy`` samples K trajectories per validation scene; the first (noise scale 1)
+is the prediction, min-ADE takes the best of the K. It needs the evaluation-only fields
+``clean_trajectory`` and ``hazards``: hazard crossing uses the vehicle footprint
+(half-width ``VEHICLE_HALF_WIDTH`` = 0.9 m), ADE/FDE compare with the clean trajectory.
+
+``gate_diagnostics`` needs no policy: it scores each training label alone with the rewards
+(``score_candidates`` with candidates = the label) and compares where the trust gate fires
+with the data's ``label_noisy`` field. The gate fires on danger confidence >=
+danger_threshold and label safety < unsafe_threshold; besides precision and recall it
+reports how the label's visual safety is distributed for noisy and clean labels, the AUROC
+of (1 - safety), and the unsafe threshold that would maximise F1 on this data (an
+in-sample diagnostic of where the distributions separate, not a tuned setting).
+
+    srdrl-eval --model runs/x/policy --data_path data/val.jsonl
+    srdrl-eval --model runs/x/policy --data_path data/val.jsonl --num_samples 8 \\
+        --out runs/x/eval --pictures 6 --backend kornia
+
+writes OUT/eval_report.json (default OUT = MODEL/eval), OUT/eval_scenes.jsonl (one row
+per validation scene) and PNGs under OUT/pictures: camera frames with the paths drawn on,
+a bird's-eye view per chosen scene, the label-safety histogram of the gate diagnostics and
+the training curves of MODEL/../metrics.jsonl (the last three need matplotlib, the
+``plot`` extra).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from srdrl.config import RewardConfig
-from srdrl.data.dataset import JsonlDataset, collate
-from srdrl.data.scenes import footprint_crosses
+from srdrl.data.dataset import DataError, JsonlDataset, collate
+from srdrl.data.scenes import VEHICLE_HALF_WIDTH, footprint_crosses
 from srdrl.policy import VLAPolicy, sample_trajectories
-from srdrl.rewards import motion_alignment, parse_intent
+from srdrl.policy.model import CONFIG_FILE
+from srdrl.rewards import motion_alignment, parse_intent, score_candidates
 
 DT = 0.1
+REPORT_FILE = "eval_report.json"
+SCENES_FILE = "eval_scenes.jsonl"
+
+
+# --------------------------------------------------------------------------- policy metrics
 
 
 def crosses_any_hazard(trajectory: np.ndarray, hazards: list[dict]) -> bool:
@@ -34,34 +67,39 @@ def comfort(policy: VLAPolicy, actions: torch.Tensor) -> dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def evaluate_policy(
+def evaluate_scenes(
     policy: VLAPolicy,
     dataset: JsonlDataset,
     num_samples: int = 4,
     batch_size: int = 8,
     seed: int = 0,
     rewards: RewardConfig | None = None,
-) -> dict:
-    """Sample ``num_samples`` trajectories per scene and compare them with the clean ones."""
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """The report of :func:`evaluate_policy` and one row per scene (its K sampled
+    trajectories under ``predictions``, (K, T, 3) float32, the first being the prediction)."""
     if "clean_trajectory" not in dataset.records[0]["eval"]:
-        raise ValueError(f"{dataset.path} has no evaluation fields (clean_trajectory, hazards)")
+        raise DataError(f"{dataset.path} has no evaluation fields (clean_trajectory, hazards)")
     neutral = (rewards or RewardConfig()).neutral_alignment
     was_training = policy.training
     policy.eval()
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, list] = {k: [] for k in (
-        "crosses", "label_crosses", "in_path", "ade", "fde", "min_ade", "aligned",
-        "stated", "peak_accel", "peak_jerk", "in_bounds")}
+        "crosses", "label_crosses", "in_path", "ade", "fde", "min_ade", "ade_to_label",
+        "aligned", "stated", "peak_accel", "peak_jerk", "in_bounds")}
+    scenes: list[dict] = []
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         actions, trajs = sample_trajectories(policy, batch, num_samples, generator=generator)
         trajs, actions = trajs.cpu().double(), actions.cpu()
         pred = trajs[:, 0]  # (B, T, 3)
+        label = batch["trajectory"].double()  # (B, T, 3)
         clean = torch.tensor(np.array([e["clean_trajectory"] for e in batch["eval"]]))
         dist = (trajs[..., :2] - clean[:, None, :, :2]).norm(dim=-1)  # (B, K, T)
         rows["ade"] += dist[:, 0].mean(-1).tolist()
         rows["fde"] += dist[:, 0, -1].tolist()
         rows["min_ade"] += dist.mean(-1).min(-1).values.tolist()
+        rows["ade_to_label"] += (pred[..., :2] - label[..., :2]).norm(dim=-1).mean(-1).tolist()
         intents = [parse_intent(t) for t in batch["reasoning_text"]]
         align = motion_alignment(pred[:, None], batch["ego_history_xyz"].double(), intents,
                                  neutral)[:, 0]
@@ -74,17 +112,26 @@ def evaluate_policy(
         for b, ev in enumerate(batch["eval"]):
             hazards = ev.get("hazards", [])
             rows["crosses"].append(crosses_any_hazard(pred[b].numpy(), hazards))
-            rows["label_crosses"].append(
-                crosses_any_hazard(batch["trajectory"][b].double().numpy(), hazards))
+            rows["label_crosses"].append(crosses_any_hazard(label[b].numpy(), hazards))
             rows["in_path"].append(any(h["in_path"] for h in hazards))
+            i = len(scenes)
+            scenes.append({
+                "index": batch["index"][b], "sample_id": batch["sample_id"][b],
+                "label_noisy": ev.get("label_noisy"), "ade": rows["ade"][i],
+                "fde": rows["fde"][i], "min_ade": rows["min_ade"][i],
+                "ade_to_label": rows["ade_to_label"][i], "crosses": rows["crosses"][i],
+                "label_crosses": rows["label_crosses"][i],
+                "predictions": trajs[b].float().numpy(),
+            })
     policy.train(was_training)
 
     r = {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}
     free = r["in_path"] == 0
     stated = r["stated"] == 1
-    return {
+    report = {
         "scenes": int(len(r["ade"])),
         "num_samples": num_samples,
+        "vehicle_half_width_m": VEHICLE_HALF_WIDTH,
         "hazard_crossing_rate": float(r["crosses"].mean()),
         "hazard_crossing_rate_in_path_scenes": _mean(r["crosses"][~free]),
         "label_hazard_crossing_rate": float(r["label_crosses"].mean()),
@@ -98,16 +145,40 @@ def evaluate_policy(
         "peak_jerk_mean": float(r["peak_jerk"].mean()),
         "actions_in_bounds": float(r["in_bounds"].mean()),
     }
+    if all(s["label_noisy"] is not None for s in scenes):
+        noisy = np.array([s["label_noisy"] for s in scenes], dtype=bool)
+        report["noisy_label_scenes"] = int(noisy.sum())
+        report["ade_noisy_label_scenes"] = _mean(r["ade"][noisy])
+        # the prediction "left the label behind": nearer the clean path than the wrong label
+        report["noisy_label_left_behind_rate"] = _mean(
+            (r["ade"] < r["ade_to_label"])[noisy].astype(np.float64))
+    return report, scenes
+
+
+def evaluate_policy(
+    policy: VLAPolicy,
+    dataset: JsonlDataset,
+    num_samples: int = 4,
+    batch_size: int = 8,
+    seed: int = 0,
+    rewards: RewardConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sample ``num_samples`` trajectories per scene and compare them with the clean ones."""
+    return evaluate_scenes(policy, dataset, num_samples, batch_size, seed, rewards,
+                           progress)[0]
 
 
 def _mean(x: np.ndarray) -> float | None:
     return float(x.mean()) if len(x) else None
 
 
-def print_summary(report: dict) -> None:
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.3f}"
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
+
+def print_summary(report: dict) -> None:
+    fmt = _fmt
     print(f"evaluation on {report['scenes']} validation scenes, {report['num_samples']} "
           "samples each:")
     print(f"  hazard crossing rate   {fmt(report['hazard_crossing_rate'])} "
@@ -116,7 +187,356 @@ def print_summary(report: dict) -> None:
     print(f"  ADE / FDE to clean     {fmt(report['ade'])} / {fmt(report['fde'])} m "
           f"(hazard-free scenes: {fmt(report['ade_hazard_free'])} / "
           f"{fmt(report['fde_hazard_free'])} m; min-ADE over samples {fmt(report['min_ade'])})")
+    if "noisy_label_scenes" in report:
+        print(f"  noisy-label scenes     {report['noisy_label_scenes']}: ADE to clean "
+              f"{fmt(report['ade_noisy_label_scenes'])} m, prediction nearer clean than "
+              f"label in {fmt(report['noisy_label_left_behind_rate'])}")
     print(f"  reasoning alignment    {fmt(report['reasoning_alignment_rate'])}")
     print(f"  comfort                peak |a| {fmt(report['peak_accel_mean'])} m/s^2, "
           f"peak |jerk| {fmt(report['peak_jerk_mean'])} m/s^3, actions in bounds "
           f"{fmt(report['actions_in_bounds'])}")
+
+
+# --------------------------------------------------------------------------- trust gate
+
+
+@dataclass
+class LabelScores:
+    """Per training scene: the label's visual safety, the reasoning's danger confidence,
+    whether the gate fired, and whether the label is noisy (the data's ``label_noisy``)."""
+
+    safety: np.ndarray  # (S,) float64
+    danger: np.ndarray  # (S,) float64
+    fired: np.ndarray  # (S,) bool
+    noisy: np.ndarray  # (S,) bool
+
+
+@torch.no_grad()
+def score_labels(
+    dataset: JsonlDataset, reward_cfg: RewardConfig | None = None, batch_size: int = 16,
+    progress: bool = False,
+) -> LabelScores:
+    """Score every label alone (candidates = label[:, None]) as the trainer scores GT."""
+    cfg = reward_cfg or RewardConfig()
+    missing = [r["sample_id"] for r in dataset.records if "label_noisy" not in r["eval"]]
+    if missing:
+        raise DataError(f"{dataset.path}: {len(missing)} scenes lack the evaluation field "
+                        f"'label_noisy' (first: {missing[0]}); the gate diagnostics need it")
+    out: dict[str, list] = {"safety": [], "danger": [], "fired": [], "noisy": []}
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton (auto) needs CUDA
+    for batch in tqdm(loader, desc="gate", unit="batch", disable=not progress, leave=False):
+        t = {k: batch[k].to(device) for k in ("images", "trajectory", "ego_history_xyz", "K",
+                                               "T_cam_from_ego")}
+        label = t["trajectory"]  # (B, T, 3)
+        terms = score_candidates(t["images"][:, -1], label[:, None], label,
+                                 t["ego_history_xyz"], t["K"], t["T_cam_from_ego"],
+                                 batch["reasoning_text"], cfg)
+        out["safety"] += terms.safety[:, 0].tolist()
+        out["danger"] += terms.danger.tolist()
+        out["fired"] += terms.gate_fired.tolist()
+        out["noisy"] += [bool(e["label_noisy"]) for e in batch["eval"]]
+    return LabelScores(np.asarray(out["safety"], np.float64), np.asarray(out["danger"],
+                       np.float64), np.asarray(out["fired"], bool), np.asarray(out["noisy"], bool))
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney, ties count
+    half); None when one class is empty."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based, averaged over ties
+    ranks = mean_rank[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _detection(flagged: np.ndarray, noisy: np.ndarray) -> dict:
+    """Precision, recall, F1 of ``flagged`` as a detector of noisy labels (columns of a
+    (S, M) matrix, or one (S,) vector), and its firing rates on noisy and clean labels."""
+    tp = (flagged & noisy[:, None] if flagged.ndim == 2 else flagged & noisy).sum(0)
+    fp = (flagged & ~noisy[:, None] if flagged.ndim == 2 else flagged & ~noisy).sum(0)
+    n_pos, n_neg = noisy.sum(), (~noisy).sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), np.nan)
+        recall = np.where(n_pos > 0, tp / max(n_pos, 1), np.nan)
+        f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + (n_pos - tp), 1), 0.0)
+    return {"precision": precision, "recall": recall, "f1": f1,
+            "fire_rate_noisy": tp / n_pos if n_pos else np.full_like(tp, np.nan, float),
+            "fire_rate_clean": fp / n_neg if n_neg else np.full_like(fp, np.nan, float)}
+
+
+def _number(x) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def _distribution(x: np.ndarray) -> dict | None:
+    if not len(x):
+        return None
+    q = np.quantile(x, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {"count": int(len(x)), "mean": float(x.mean()), "min": float(q[0]),
+            "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "max": float(q[4])}
+
+
+def gate_statistics(scores: LabelScores, reward_cfg: RewardConfig | None = None) -> dict:
+    """Precision/recall of the gate as a noisy-label detector, the label-safety
+    distributions, AUROC, and the unsafe threshold that would maximise F1 (diagnostic)."""
+    cfg = reward_cfg or RewardConfig()
+    s, noisy = scores.safety, scores.noisy
+    named = scores.danger >= cfg.danger_threshold
+    at_setting = {k: _number(v) for k, v in _detection(scores.fired, noisy).items()}
+
+    # Sweep the unsafe threshold: midpoints between distinct safety values and both ends.
+    values = np.unique(s)
+    thresholds = np.concatenate([[values[0] - 1e-6], (values[1:] + values[:-1]) / 2,
+                                 [values[-1] + 1e-6]]) if len(values) else np.zeros(0)
+    sweep = _detection(named[:, None] & (s[:, None] < thresholds[None, :]), noisy)
+    best = int(np.argmax(sweep["f1"])) if len(thresholds) else None
+    return {
+        "scenes": int(len(s)),
+        "noisy_labels": int(noisy.sum()),
+        "clean_labels": int((~noisy).sum()),
+        "danger_threshold": cfg.danger_threshold,
+        "unsafe_threshold": cfg.unsafe_threshold,
+        "use_trust_gate": cfg.use_trust_gate,
+        **at_setting,
+        "danger_named_rate_noisy": _mean(named[noisy].astype(np.float64)),
+        "danger_named_rate_clean": _mean(named[~noisy].astype(np.float64)),
+        "label_safety_noisy": _distribution(s[noisy]),
+        "label_safety_clean": _distribution(s[~noisy]),
+        "auroc_one_minus_safety": auroc(1 - s, noisy),
+        "auroc_one_minus_safety_danger_named": auroc(1 - s[named], noisy[named]),
+        "diagnostic_best_f1_unsafe_threshold": None if best is None else {
+            "note": "in-sample diagnostic: the unsafe_threshold that would maximise the "
+                    "gate's F1 on THIS data (danger rule unchanged); not a tuned setting",
+            "unsafe_threshold": float(thresholds[best]),
+            **{k: _number(v[best]) for k, v in sweep.items()},
+        },
+    }
+
+
+def gate_diagnostics(
+    dataset: JsonlDataset, reward_cfg: RewardConfig | None = None, batch_size: int = 16,
+    progress: bool = False,
+) -> dict:
+    """Score each training label alone and compare the trust gate with ``label_noisy``."""
+    return gate_statistics(score_labels(dataset, reward_cfg, batch_size, progress), reward_cfg)
+
+
+def print_gate_summary(gate: dict) -> None:
+    fmt = _fmt
+    print(f"trust gate on {gate['scenes']} training labels ({gate['noisy_labels']} noisy), "
+          f"danger >= {gate['danger_threshold']:g} and label safety < "
+          f"{gate['unsafe_threshold']:g}:")
+    print(f"  fires on noisy / clean {fmt(gate['fire_rate_noisy'])} / "
+          f"{fmt(gate['fire_rate_clean'])}; precision {fmt(gate['precision'])}, recall "
+          f"{fmt(gate['recall'])}, F1 {fmt(gate['f1'])}")
+    for kind in ("noisy", "clean"):
+        d = gate[f"label_safety_{kind}"]
+        if d is not None:
+            print(f"  label safety, {kind:5s}   mean {d['mean']:.3f}, quartiles {d['q25']:.3f} "
+                  f"/ {d['median']:.3f} / {d['q75']:.3f} (n={d['count']})")
+    print(f"  AUROC of 1 - safety    {fmt(gate['auroc_one_minus_safety'])} (among scenes "
+          f"naming a danger: {fmt(gate['auroc_one_minus_safety_danger_named'])})")
+    best = gate["diagnostic_best_f1_unsafe_threshold"]
+    if best is not None:
+        print(f"  [diagnostic, in-sample] unsafe_threshold {best['unsafe_threshold']:.3f} "
+              f"would give F1 {fmt(best['f1'])} (precision {fmt(best['precision'])}, recall "
+              f"{fmt(best['recall'])})")
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def choose_scenes(scenes: list[dict], count: int) -> list[dict]:
+    """The most telling scenes first: noisy labels the prediction left behind (most first),
+    then the other noisy labels, then predictions that cross a hazard, then the largest
+    ADE to the clean path."""
+    def key(s):
+        if s["label_noisy"]:
+            return (0, -(s["ade_to_label"] - s["ade"]))
+        return (1, not s["crosses"], -s["ade"])
+
+    return sorted(scenes, key=key)[:count]
+
+
+def _scene_title(s: dict) -> str:
+    noisy = "noisy label, " if s["label_noisy"] else ""
+    crosses = ", crosses hazard" if s["crosses"] else ""
+    return (f"{s['sample_id']}: {noisy}ADE clean {s['ade']:.1f} m / label "
+            f"{s['ade_to_label']:.1f} m{crosses}")
+
+
+def draw_pictures(dataset: JsonlDataset, scenes: list[dict], out: Path, count: int,
+                  metrics: Path | None, gate_scores: LabelScores | None = None,
+                  gate: dict | None = None) -> list[Path]:
+    """Camera sheet and bird's-eye views of the chosen scenes, the gate's label-safety
+    histogram and the training curves. Without matplotlib only the camera sheet is drawn."""
+    from srdrl import visualize
+
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = choose_scenes(scenes, count)
+    written = []
+    items = []
+    for s in chosen:
+        sample, rec = dataset[s["index"]], dataset.records[s["index"]]
+        items.append({
+            "image": sample["images"][-1].numpy(), "K": sample["K"].numpy(),
+            "T_cam_from_ego": sample["T_cam_from_ego"].numpy(),
+            "label": rec["trajectory"], "clean": np.asarray(rec["eval"]["clean_trajectory"]),
+            "predictions": s["predictions"], "label_noisy": bool(s["label_noisy"]),
+            "hazards": rec["eval"].get("hazards", []), "title": _scene_title(s),
+            "sample_id": s["sample_id"],
+        })
+    if items:
+        written.append(visualize.camera_sheet(items, out / "camera_frames.png"))
+    try:
+        visualize.pyplot()
+    except ImportError as e:
+        print(f"srdrl-eval: {e}; skipping the bird's-eye views and curves", file=sys.stderr)
+        return written
+    for i, item in enumerate(items):
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", item["sample_id"])
+        written.append(visualize.plot_birds_eye(
+            out / f"bev_{i:02d}_{name}.png", item["hazards"], item["label"], item["clean"],
+            item["predictions"], VEHICLE_HALF_WIDTH, title=item["title"],
+            label_noisy=item["label_noisy"]))
+    if gate_scores is not None and gate is not None:
+        best = gate["diagnostic_best_f1_unsafe_threshold"]
+        written.append(visualize.plot_label_safety(
+            out / "gate_label_safety.png", gate_scores.safety, gate_scores.noisy,
+            gate["unsafe_threshold"], None if best is None else best["unsafe_threshold"]))
+    if metrics is not None:
+        written.append(visualize.plot_training_curves(metrics, out / "training_curves.png"))
+    return written
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="srdrl-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help="policy directory written by save_pretrained (srdrl-train writes "
+                        "OUTPUT_DIR/policy); local only")
+    p.add_argument("--data_path", required=True, help="validation JSONL with clean_trajectory "
+                   "and hazards")
+    p.add_argument("--num_samples", type=int, default=4,
+                   help="trajectories sampled per scene (default 4)")
+    p.add_argument("--out", default=None, help="output directory (default: MODEL/eval)")
+    p.add_argument("--train_data_path", default=None,
+                   help="training JSONL for the trust-gate diagnostics (default: train.jsonl "
+                        "beside --data_path, if present; 'none' skips them)")
+    p.add_argument("--metrics", default=None,
+                   help="metrics.jsonl to plot (default: MODEL/../metrics.jsonl, if present)")
+    p.add_argument("--pictures", type=int, default=6,
+                   help="scenes to draw (default 6; 0: no pictures)")
+    p.add_argument("--batch_size", type=int, default=8, help="scenes per batch (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--backend", default="auto", choices=("auto", "kornia", "reference",
+                                                          "triton"),
+                   help="path-safety backend of the gate diagnostics (default auto: Triton on "
+                        "CUDA, Kornia elsewhere)")
+    p.add_argument("--danger_threshold", type=float, default=RewardConfig.danger_threshold,
+                   help="trust gate: danger confidence at or above which it may fire "
+                        f"(default {RewardConfig.danger_threshold})")
+    p.add_argument("--unsafe_threshold", type=float, default=RewardConfig.unsafe_threshold,
+                   help="trust gate: label safety below which the label counts as unsafe "
+                        f"(default {RewardConfig.unsafe_threshold})")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1 or args.pictures < 0:
+        p.error("--num_samples and --batch_size must be >= 1 and --pictures >= 0")
+    return args
+
+
+def resolve_paths(args: argparse.Namespace) -> dict[str, Path | None]:
+    """Every input and output path, checked before anything slow runs."""
+    model = Path(args.model)
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model {model}: no such directory")
+    if not (model / CONFIG_FILE).is_file():
+        hint = (f"; the trained policy is in {model / 'policy'}"
+                if (model / "policy" / CONFIG_FILE).is_file() else "")
+        raise FileNotFoundError(f"--model {model} is not a policy checkpoint (no {CONFIG_FILE})"
+                                f"{hint}")
+    data = Path(args.data_path)
+    if not data.is_file():
+        raise FileNotFoundError(f"--data_path {data}: no such file")
+    if args.train_data_path is None:
+        train = data.with_name("train.jsonl")
+        train = train if train.is_file() and train.resolve() != data.resolve() else None
+    elif args.train_data_path.lower() == "none":
+        train = None
+    else:
+        train = Path(args.train_data_path)
+        if not train.is_file():
+            raise FileNotFoundError(f"--train_data_path {train}: no such file")
+    if args.metrics is None:
+        metrics = model.resolve().parent / "metrics.jsonl"
+        metrics = metrics if metrics.is_file() else None
+    else:
+        metrics = Path(args.metrics)
+        if not metrics.is_file():
+            raise FileNotFoundError(f"--metrics {metrics}: no such file")
+    out = Path(args.out) if args.out else model / "eval"
+    return {"model": model, "data": data, "train": train, "metrics": metrics, "out": out}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate, diagnose the gate, draw; write OUT/eval_report.json. Returns the report."""
+    paths = resolve_paths(args)
+    rewards = RewardConfig(scoring_backend=args.backend, danger_threshold=args.danger_threshold,
+                           unsafe_threshold=args.unsafe_threshold)
+    val = JsonlDataset(paths["data"])
+    train = JsonlDataset(paths["train"]) if paths["train"] is not None else None
+    device = "cuda" if torch.cuda.is_available() else None
+    policy = VLAPolicy.from_pretrained(paths["model"], device=device)
+    out = paths["out"]
+    out.mkdir(parents=True, exist_ok=True)
+
+    evaluation, scenes = evaluate_scenes(policy, val, args.num_samples, args.batch_size,
+                                         args.seed, rewards, progress=True)
+    with open(out / SCENES_FILE, "w") as f:
+        for s in scenes:
+            f.write(json.dumps({k: v for k, v in s.items() if k != "predictions"}) + "\n")
+    gate_scores = gate = None
+    if train is not None:
+        gate_scores = score_labels(train, rewards, args.batch_size, progress=True)
+        gate = gate_statistics(gate_scores, rewards)
+    pictures = []
+    if args.pictures > 0:
+        pictures = draw_pictures(val, scenes, out / "pictures", args.pictures,
+                                 paths["metrics"], gate_scores, gate)
+    report = {
+        "model": str(paths["model"]),
+        "data_path": str(paths["data"]),
+        "train_data_path": None if paths["train"] is None else str(paths["train"]),
+        "metrics_path": None if paths["metrics"] is None else str(paths["metrics"]),
+        "seed": args.seed,
+        "backend": args.backend,
+        "evaluation": evaluation,
+        "gate_diagnostics": gate,
+        "pictures": [str(p.relative_to(out)) for p in pictures],
+    }
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    print_summary(evaluation)
+    if gate is not None:
+        print_gate_summary(gate)
+    print(f"report: {out / REPORT_FILE}" + (f"; pictures: {out / 'pictures'}" if pictures
+                                            else ""))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, DataError) as e:  # bad inputs: say which, no traceback
+        raise SystemExit(f"srdrl-eval: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -399,10 +399,12 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
 def log_step(sums, count, step, dt, scenes_per_step, lr, writer, metrics_file, bar, rank):
     """Average the step's micro-batch metrics over micro-steps and ranks; rank 0 logs."""
     keys = sorted(sums)
-    values = torch.tensor([sums[k] / count for k in keys], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")  # NCCL reduces device tensors only
+    values = torch.tensor([sums[k] / count for k in keys], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(values)
     values /= torch.distributed.get_world_size()
-    metrics = dict(zip(keys, values.tolist(), strict=True))
+    metrics = dict(zip(keys, values.cpu().tolist(), strict=True))
     metrics.update(step=step, lr=lr, step_time_s=dt, scenes_per_s=scenes_per_step / max(dt, 1e-9))
     if rank == 0:
         order = ["loss", "language_loss", "traj_loss", "awr_loss", "consistency_loss",

@@ -196,3 +196,10 @@ def test_avoiding_candidate_beats_a_label_through_the_named_hazard(backend):
                 * terms.gt_weight[:, None] * terms.gt_sim
                 + cfg.reasoning_reward_weight * terms.alignment)
     torch.testing.assert_close(terms.reward, expected)
+
+
+def test_every_generated_hazard_is_named_with_a_danger_word():
+    for i in range(400):
+        scene = sample_scene(np.random.default_rng([13, i]))
+        if scene.hazards:
+            assert danger_confidence(scene.reasoning) > 0, scene.reasoning

@@ -158,7 +158,9 @@ def stopping_trajectory(speed: float, curvature: float, stop_at: float) -> np.nd
 # --------------------------------------------------------------------------- reasoning
 
 _KIND_WORDS = {
-    "mud": ["mud", "a mud patch", "a muddy patch", "deep mud", "a patch of wet mud"],
+    # every phrase names its hazard with a whole danger word (mud, rocks, stones, water,
+    # puddle, rough) so that the reasoning's danger confidence sees it
+    "mud": ["mud", "a mud patch", "a patch of mud", "deep mud", "a patch of wet mud"],
     "rocks": ["a rock field", "a patch of loose rocks", "a pile of stones", "a band of rocks",
               "rough rocky ground"],
     "water": ["water", "a puddle", "standing water", "a large puddle", "a pool of water"],
@@ -175,7 +177,7 @@ _STOP = [
     "{Kind} across the whole track at {d} m; slow down and stop before it.",
     "The track is blocked by {kind} {d} m ahead. Brake and come to a stop.",
     "{Kind} spans the full width ahead at {d} m, so slow down to a halt.",
-    "No way around the {kindbare} {d} m ahead; stop before reaching it.",
+    "No way around {kind} {d} m ahead; stop before reaching it.",
 ]
 _STRAIGHT = [
     "Clear dirt track ahead; keep straight.",
@@ -194,7 +196,7 @@ def _fill(template: str, rng: np.random.Generator, **kw) -> str:
     kind = kw.pop("kind", None)
     if kind is not None:
         word = _KIND_WORDS[kind][rng.integers(len(_KIND_WORDS[kind]))]
-        kw.update(kind=word, Kind=word[0].upper() + word[1:], kindbare=word.split()[-1])
+        kw.update(kind=word, Kind=word[0].upper() + word[1:])
     return template.format(**kw)
 
 
