@@ -10,7 +10,8 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, torch AdamW, 1 
                 OpenCV reference loop for scoring, ZeRO-2
 
 Per variant: median step time (CUDA events around forward + backward + optimiser step,
-after warm-up), the split into vlm_forward / supervised / sampling / scoring / awr /
+after warm-up; the VLM inputs are built outside the step, as the DataLoader's workers
+do in training), the split into vlm_forward / supervised / sampling / scoring / awr /
 backward / optimizer_step (CUDA events, summed per phase), scenes/s and peak device memory
 over the timed steps. Targets: sampling + scoring <= 25% of the step; the step >= 5x the
 original pipeline; ZeRO-3 peak memory below ZeRO-2's (needs several GPUs to show: with one
@@ -58,8 +59,8 @@ def one_at_a_time(policy, batch, num_samples, steps, noise_scale_step, generator
 
     acts, trajs = [], []
     for b in range(len(batch["reasoning_text"])):
-        scene = {k: (v[b:b + 1] if isinstance(v, (torch.Tensor, list)) else v)
-                 for k, v in batch.items()}
+        scene = {k: v[b:b + 1] for k, v in batch.items()
+                 if isinstance(v, (torch.Tensor, list))}  # its VLM inputs are rebuilt
         for _ in range(num_samples):
             a, t = sample_trajectories(policy, scene, 1, steps=steps, use_cuda_graph=False)
             acts.append(a)
@@ -75,6 +76,7 @@ def run_variant(name, args, batch, texts):
     import srdrl.objective as objective_module
     from srdrl.config import ObjectiveConfig, RewardConfig
     from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
+    from srdrl.policy.model import VLM_INPUTS_KEY
     from srdrl.policy.noise import SceneNoise
     from srdrl.timing import SectionTimer
     from srdrl.train import SRDRLModule, sample_gathered
@@ -93,6 +95,8 @@ def run_variant(name, args, batch, texts):
     module = SRDRLModule(VLAPolicy(config, build_tokenizer(config, texts)))
     engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                       config=ds)
+    # As in training, the DataLoader's workers build the VLM inputs ahead of the step.
+    batch = {**batch, VLM_INPUTS_KEY: module.policy.input_builder(batch)}
     real_sampler = objective_module.sample_trajectories
     if name == "original":
         objective_module.sample_trajectories = one_at_a_time

@@ -159,6 +159,8 @@ class TrainConfig:
     """Scenes to generate when data_path is empty."""
     synthetic_label_noise: float = 0.3
     """Label noise of the generated scenes."""
+    dataloader_workers: int = 2
+    """Worker processes that read images and build the VLM inputs ahead of the step."""
     eval_samples: int = 4
     """Trajectories sampled per validation scene by the final evaluation; 0 skips it."""
     local_rank: int = -1
@@ -176,6 +178,8 @@ class TrainConfig:
             raise ValueError("num_train_epochs must be > 0 when max_steps is -1")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.dataloader_workers < 0:
+            raise ValueError(f"dataloader_workers must be >= 0, got {self.dataloader_workers}")
         if self.logging_steps < 1 or self.save_steps < 0 or self.warmup_steps < 0:
             raise ValueError("logging_steps must be >= 1, save_steps and warmup_steps >= 0")
         if self.data_path is not None and not self.data_path:

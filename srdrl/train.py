@@ -45,6 +45,7 @@ from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig, config_summ
 from srdrl.data.dataset import JsonlDataset, collate
 from srdrl.objective import ConsistencyHeads, srdrl_loss
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer, sample_trajectories
+from srdrl.policy.model import VLM_INPUTS_KEY
 from srdrl.policy.noise import SceneNoise, scene_seed
 from srdrl.timing import NULL_TIMER
 
@@ -165,6 +166,19 @@ class SRDRLModule(nn.Module):
     def forward(self, batch, objective, rewards, generator, samples=None, timer=NULL_TIMER):
         return srdrl_loss(self.policy, self.heads, batch, objective, rewards, generator,
                           samples=samples, timer=timer)
+
+
+class VLMCollate:
+    """collate plus the policy's VLM inputs (image preprocessing, tokens), so that the
+    DataLoader's worker processes do that CPU work while the GPU runs the previous step."""
+
+    def __init__(self, builder):
+        self.builder = builder
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate(samples)
+        batch[VLM_INPUTS_KEY] = self.builder(batch)
+        return batch
 
 
 class ResumableSampler(Sampler):
@@ -333,6 +347,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
     bar = tqdm(total=total_steps, initial=progress["global_step"], disable=rank != 0,
                desc="train", unit="step", dynamic_ncols=True)
 
+    collate_fn = VLMCollate(engine.module.policy.input_builder)
     sums: dict[str, float] = {}
     count, step_start = 0, time.perf_counter()
     last = {}
@@ -341,7 +356,9 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
         sampler.set_epoch(progress["epoch"])
         skip = progress["micro_in_epoch"] * cfg.per_device_train_batch_size
         loader = DataLoader(dataset, batch_size=cfg.per_device_train_batch_size,
-                            sampler=ResumableSampler(sampler, skip), collate_fn=collate)
+                            sampler=ResumableSampler(sampler, skip), collate_fn=collate_fn,
+                            num_workers=cfg.dataloader_workers,
+                            persistent_workers=False)
         for batch in loader:
             # noise keyed by (seed, epoch, scene): independent of ranks and micro-batches
             noise = SceneNoise([scene_seed(cfg.seed, progress["epoch"], i)

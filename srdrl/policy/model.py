@@ -49,6 +49,8 @@ from srdrl.policy.tokenizer import (
 )
 
 CONFIG_FILE = "policy_config.json"
+VLM_INPUTS_KEY = "vlm_inputs"
+"""Batch key of ready-made ``VLMInputs`` (see ``srdrl.train.VLMCollate``)."""
 WEIGHTS_FILE = "model.safetensors"
 
 # transformers renamed the cache argument from ``past_key_values`` to ``cache`` (5.2x keeps
@@ -184,6 +186,8 @@ class VLAPolicy(nn.Module):
     def encode_prefix(self, batch: dict, inputs: VLMInputs | None = None) -> Prefix:
         """One teacher-forced VLM forward: language loss, per-layer prefix keys/values, key
         padding mask and pooled vision/language features."""
+        if inputs is None:  # built by the DataLoader's workers when it uses vlm_collate
+            inputs = batch.get(VLM_INPUTS_KEY)
         inputs = self.build_inputs(batch) if inputs is None else inputs.to(self.device)
         model = self.vlm.model
         mask = inputs.attention_mask.bool()
