@@ -135,7 +135,7 @@ class TrainConfig:
     """Scenes per device per micro-step."""
     gradient_accumulation_steps: int = 1
     """Micro-steps per optimiser step."""
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 3.0
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Optimiser steps to run; -1 runs num_train_epochs."""

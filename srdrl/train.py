@@ -402,15 +402,30 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
     summary = {"steps": progress["global_step"], "final_metrics": last,
                "policy": str(exported)}
     if cfg.eval_samples > 0 and val_path is not None and rank == 0:
-        from srdrl.evaluate import evaluate_policy, print_summary
-
-        report = evaluate_policy(engine.module.policy, JsonlDataset(val_path),
-                                 num_samples=cfg.eval_samples, rewards=rewards)
-        (out / "eval_report.json").write_text(json.dumps(report, indent=2))
-        print_summary(report)
-        summary["eval"] = report
+        summary["eval"] = final_evaluation(engine.module.policy, dataset, val_path, cfg,
+                                           rewards, out)
     torch.distributed.barrier()
     return summary
+
+
+def final_evaluation(policy, train_set, val_path, cfg, rewards, out: Path) -> dict:
+    """The validation metrics and, when the training data says which labels are noisy,
+    how the self-check (visual safety, trust gate) judged the training labels."""
+    from srdrl.evaluate import (
+        evaluate_policy,
+        gate_diagnostics,
+        print_gate_summary,
+        print_summary,
+    )
+
+    report = evaluate_policy(policy, JsonlDataset(val_path), num_samples=cfg.eval_samples,
+                             rewards=rewards)
+    print_summary(report)
+    if all("label_noisy" in r["eval"] for r in train_set.records):
+        report["gate_diagnostics"] = gate_diagnostics(train_set, rewards)
+        print_gate_summary(report["gate_diagnostics"])
+    (out / "eval_report.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def log_step(sums, count, step, dt, scenes_per_step, lr, writer, metrics_file, bar, rank):
