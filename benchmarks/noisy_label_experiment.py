@@ -123,11 +123,13 @@ def gate_summary(data: Path) -> dict:
     from srdrl.data.dataset import JsonlDataset
     from srdrl.evaluate import gate_diagnostics
 
-    d = gate_diagnostics(JsonlDataset(data / "train.jsonl"), RewardConfig(scoring_backend="kornia"))
+    d = gate_diagnostics(JsonlDataset(data / "train.jsonl"),
+                         RewardConfig(scoring_backend="kornia"))
     flat = {}
     for k, v in d.items():  # keep the scalar figures, whatever their nesting
         if isinstance(v, dict):
-            flat.update({f"{k}_{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))})
+            flat.update({f"{k}_{kk}": vv for kk, vv in v.items()
+                         if not isinstance(vv, (dict, list))})
         elif not isinstance(v, list):
             flat[k] = v
     return flat
