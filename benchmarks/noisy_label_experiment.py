@@ -34,6 +34,10 @@ ARMS = {
     "srdrl_no_reasoning": ["--reasoning_reward_weight", "0"],
     "srdrl_awr_all": ["--awr_mode", "all"],
     "srdrl_gated_sft": ["--gate_supervised_loss"],
+    # remedy: the design's unsafe threshold (0.3) never fires on this data, where noisy
+    # labels' mean path safety is ~0.6 (clean ~0.82); 0.75 sits between the two
+    "srdrl_gate075": ["--unsafe_threshold", "0.75"],
+    "srdrl_gate075_gated_sft": ["--unsafe_threshold", "0.75", "--gate_supervised_loss"],
 }
 MAIN_ARMS = ("sft", "srdrl")
 METRICS = ("hazard_crossing_rate", "hazard_crossing_rate_in_path_scenes", "ade",
