@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from srdrl import evaluate, visualize
+from srdrl import gate_diagnostics as gate_diagnostics_module
 from srdrl.config import RewardConfig
 from srdrl.data.dataset import JsonlDataset
 from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
@@ -177,7 +178,7 @@ def test_gate_diagnostics_on_hand_made_data(run_dir, tmp_path, monkeypatch):
         return RewardTerms(ones, safety, ones, ones, weight, danger, fired,
                            torch.ones(*safety.shape, 64, dtype=torch.bool))
 
-    monkeypatch.setattr(evaluate, "score_candidates", fake_scores)
+    monkeypatch.setattr(gate_diagnostics_module, "score_candidates", fake_scores)
     _check_known_gate(gate_diagnostics(JsonlDataset(path), RewardConfig(), batch_size=3))
 
 
