@@ -145,7 +145,7 @@ class TrainConfig:
     """Linear warm-up steps, then cosine decay to 10% of the peak."""
     seed: int = 0
     """Seed of the model's initialisation, the data order and every rank's noise."""
-    logging_steps: int = 1
+    logging_steps: int = 10
     """Optimiser steps between metrics lines."""
     save_steps: int = 0
     """Optimiser steps between checkpoints; 0 saves only at the end."""
