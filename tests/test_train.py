@@ -36,7 +36,8 @@ def _train(out, data, *flags, ranks=None, batch=2):
     common = ["--data_path", str(data), "--output_dir", str(out), "--deepspeed_config",
               str(DS_CONFIG), "--per_device_train_batch_size", str(batch), "--max_steps", "3",
               "--eval_samples", "0", "--num_trajectory_samples", "2", "--flow_steps", "2",
-              "--scoring_backend", "kornia", "--warmup_steps", "1", *flags]
+              "--scoring_backend", "kornia", "--warmup_steps", "1", "--logging_steps", "1",
+              *flags]
     if ranks is None:
         cmd = [sys.executable, "-m", "srdrl.train", *common]
     else:
