@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from srdrl.action_space import DT
 from srdrl.config import RewardConfig
 from srdrl.data.dataset import DataError, JsonlDataset, collate
 from srdrl.data.scenes import VEHICLE_HALF_WIDTH, footprint_crosses
@@ -49,7 +50,6 @@ from srdrl.policy import VLAPolicy, sample_trajectories
 from srdrl.policy.model import CONFIG_FILE
 from srdrl.rewards import motion_alignment, parse_intent
 
-DT = 0.1
 REPORT_FILE = "eval_report.json"
 SCENES_FILE = "eval_scenes.jsonl"
 

@@ -137,7 +137,8 @@ def srdrl_loss(
         traj_per_scene = policy.flow_matching_loss(prefix, label_actions, generator=generator,
                                                    reduction="none")  # (B,)
         consistency = label.new_zeros(())
-        if cfg.consistency_loss_weight > 0 and heads is not None:
+        use_consistency = cfg.consistency_loss_weight > 0 and heads is not None
+        if use_consistency:
             feats = trajectory_features(policy, label_actions)
             consistency = consistency_loss(heads, prefix, feats, cfg.consistency_temperature)
 
@@ -179,7 +180,7 @@ def srdrl_loss(
     else:
         traj = traj_per_scene.mean()
     total = prefix.language_loss + cfg.traj_loss_weight * traj
-    if cfg.consistency_loss_weight > 0 and heads is not None:
+    if use_consistency:
         total = total + cfg.consistency_loss_weight * consistency
     if cfg.rl_loss_weight > 0:
         total = total + cfg.rl_loss_weight * awr

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from srdrl.action_space import DT, estimate_v0
 from srdrl.config import RewardConfig
 from srdrl.kernels import path_safety
 
-DT = 0.1
 DANGER_WORDS = (
     "mud", "rock", "rocks", "stone", "stones", "obstacle", "danger", "unsafe", "rough",
     "bump", "water", "puddle", "avoid", "detour", "slippery", "uneven", "hazard",
@@ -99,13 +99,14 @@ STRAIGHT_SLACK = 0.3
 
 
 def history_motion(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speed (B,) of the last history step and curvature (B,) of the history's arc."""
+    """Current speed (B,) (the action space's estimate) and curvature (B,) of the history's
+    arc."""
     last = history[:, -1, :2] - history[:, -2, :2]
     first = history[:, 1, :2] - history[:, 0, :2]
     heading_change = torch.atan2(last[:, 1], last[:, 0]) - torch.atan2(first[:, 1], first[:, 0])
     arc = (history[:, 1:, :2] - history[:, :-1, :2]).norm(dim=-1).sum(-1)
     curvature = heading_change / arc.clamp_min(1e-3)
-    return last.norm(dim=-1) / DT, curvature
+    return estimate_v0(history), curvature
 
 
 def motion_alignment(

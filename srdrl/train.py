@@ -251,14 +251,11 @@ def save_checkpoint(engine, out: Path, progress: dict, rank: int) -> None:
 def load_checkpoint(engine, out: Path, rank: int) -> dict | None:
     if not (out / CHECKPOINTS / "latest").is_file():
         return None
-    path, progress = engine.load_checkpoint(str(out / CHECKPOINTS))
+    tag = (out / CHECKPOINTS / "latest").read_text().strip()
+    path, progress = engine.load_checkpoint(str(out / CHECKPOINTS), tag=tag)
     if path is None:
-        raise RuntimeError(f"could not load the checkpoint named by {out / CHECKPOINTS}/latest")
-    rng_file = Path(path) / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():  # DeepSpeed's path is the tag folder
-        rng_file = out / CHECKPOINTS / (out / CHECKPOINTS / "latest").read_text().strip() \
-            / f"rng_rank{rank}.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+        raise RuntimeError(f"could not load checkpoint {tag} from {out / CHECKPOINTS}")
+    set_rng_state(torch.load(out / CHECKPOINTS / tag / f"rng_rank{rank}.pt", weights_only=False))
     return progress
 
 

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from srdrl.action_space import DT
+from srdrl.action_space import HISTORY_STEPS as NUM_HISTORY
+from srdrl.action_space import NUM_STEPS as NUM_FUTURE
 from srdrl.camera import default_camera
 
-NUM_FUTURE = 64
-NUM_HISTORY = 16
-DT = 0.1
 EVAL_FIELDS = ("clean_trajectory", "label_noisy", "hazards", "intent")
 
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DT = 0.1
-NUM_HISTORY = 16
-NUM_FUTURE = 64
+# the 10 Hz rate and the 16 history / 64 future steps have one home: the action space
+from srdrl.action_space import DT
+from srdrl.action_space import HISTORY_STEPS as NUM_HISTORY
+from srdrl.action_space import NUM_STEPS as NUM_FUTURE
+
 HORIZON_S = NUM_FUTURE * DT
 VEHICLE_HALF_WIDTH = 0.9
 """Half-width of the vehicle footprint (metres) used by every crossing test."""
