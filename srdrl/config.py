@@ -126,9 +126,9 @@ class TrainConfig:
     policy: str = "tiny"
     """A policy preset (tiny, bench) built with random weights, or a local directory written
     by save_pretrained."""
-    deepspeed_config: str = "ds_config.json"
+    deepspeed_config: str | None = None
     """DeepSpeed JSON config; batch sizes, learning rate and bf16 'auto' are filled in from
-    these flags."""
+    these flags. Empty: the built-in srdrl/ds_config.json (ZeRO-2)."""
     zero_stage: int | None = None
     """Override the config's ZeRO stage (0, 1, 2 or 3)."""
     per_device_train_batch_size: int = 4

@@ -14,7 +14,7 @@ Each optimiser step, on every rank:
 Launch:
 
     srdrl-train                                   # one process, no launcher; CPU or 1 GPU
-    deepspeed --num_gpus 8 --module srdrl.train --deepspeed_config ds_config.json \
+    deepspeed --num_gpus 8 --module srdrl.train --deepspeed_config my_ds_config.json \
         --data_path data/train.jsonl --output_dir runs/x
     deepspeed --hostfile hosts --module srdrl.train ...     # several machines
 
@@ -49,6 +49,9 @@ from srdrl.policy.model import VLM_INPUTS_KEY
 from srdrl.policy.noise import SceneNoise, scene_seed
 from srdrl.timing import NULL_TIMER
 
+DEFAULT_DEEPSPEED_CONFIG = Path(__file__).with_name("ds_config.json")
+"""The built-in DeepSpeed config, used when --deepspeed_config is not given."""
+
 CHECKPOINTS = "checkpoints"
 EXPORT = "policy"
 
@@ -74,7 +77,7 @@ def parse_args(argv: list[str] | None = None):
 
 def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     """Read the JSON config and fill what the flags decide."""
-    path = Path(cfg.deepspeed_config)
+    path = Path(cfg.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {path} (--deepspeed_config)")
     ds = json.loads(path.read_text())

@@ -14,7 +14,7 @@ from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
 from srdrl.train import parse_args, resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DS_CONFIG = ROOT / "ds_config.json"
+DS_CONFIG = ROOT / "srdrl" / "ds_config.json"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_two_ranks_match_one_process(tmp_path, data, stage):
         assert s[1:] == pytest.approx(d[1:], rel=1e-4, abs=1e-5), (s, d)
 
 
-def test_bad_configs_fail_early(tmp_path, data, capsys):
+def test_bad_configs_fail_early(tmp_path, data, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         parse_args(["--zero_stage", "5"])
     assert "zero_stage must be 0, 1, 2 or 3" in capsys.readouterr().err
@@ -98,6 +98,10 @@ def test_bad_configs_fail_early(tmp_path, data, capsys):
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["bf16"]["enabled"] is False  # "auto" on a machine without CUDA
     assert ds["optimizer"]["params"]["torch_adam"] is True
+    # no --deepspeed_config: the built-in file, whatever the working directory
+    monkeypatch.chdir(tmp_path)
+    builtin = resolve_deepspeed_config(TrainConfig(), 1)
+    assert builtin["zero_optimization"]["stage"] == 2 and builtin["train_batch_size"] == 4
 
 
 def test_missing_data_path_fails_with_its_name(tmp_path):
