@@ -35,9 +35,10 @@ ARMS = {
     "srdrl_awr_all": ["--awr_mode", "all"],
     "srdrl_gated_sft": ["--gate_supervised_loss"],
     # remedy: the design's unsafe threshold (0.3) never fires on this data, where noisy
-    # labels' mean path safety is ~0.6 (clean ~0.82); 0.75 sits between the two
-    "srdrl_gate075": ["--unsafe_threshold", "0.75"],
-    "srdrl_gate075_gated_sft": ["--unsafe_threshold", "0.75", "--gate_supervised_loss"],
+    # labels' mean path safety is ~0.64 and clean ones' ~0.84; 0.7 sits between the two
+    # (best F1 on the generator's seed-0 training set: 0.69)
+    "srdrl_gate07": ["--unsafe_threshold", "0.7"],
+    "srdrl_gate07_gated_sft": ["--unsafe_threshold", "0.7", "--gate_supervised_loss"],
 }
 MAIN_ARMS = ("sft", "srdrl")
 METRICS = ("hazard_crossing_rate", "hazard_crossing_rate_in_path_scenes", "ade",
@@ -54,6 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--scenes", type=int, default=440, help="generated scenes (10%% validation)")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="supervised steps on the same (noisy) training set before every arm, "
+                        "one pretraining per noise level and seed; every arm then starts from "
+                        "it (--policy DIR), so each arm's budget is pretrain + --steps")
+    p.add_argument("--pretrain-batch", type=int, default=16)
+    p.add_argument("--pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="stop after pretraining (its runs are reused by a later call)")
     p.add_argument("--parallel", type=int, default=2, help="concurrent training processes")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="flags passed to every srdrl.train run")
@@ -70,24 +79,45 @@ def make_data(out: Path, noise: float, scenes: int) -> Path:
     return root
 
 
-def run_one(args, out: Path, data: Path, arm: str, noise: float, seed: int) -> dict:
-    run_dir = out / "runs" / f"{arm}_noise{noise:g}_seed{seed}"
+def train_run(args, run_dir: Path, data: Path, steps: int, seed: int, flags: list[str],
+              batch: int) -> dict:
+    """One ``python -m srdrl.train`` process (skipped when its report exists); its report."""
     report = run_dir / "eval_report.json"
     if not report.is_file():
         cmd = [sys.executable, "-m", "srdrl.train", "--data_path", str(data / "train.jsonl"),
-               "--output_dir", str(run_dir), "--max_steps", str(args.steps), "--seed", str(seed),
-               "--per_device_train_batch_size", str(args.batch), "--logging_steps", "50",
-               "--dataloader_workers", "1", *ARMS[arm], *args.extra]
+               "--output_dir", str(run_dir), "--max_steps", str(steps), "--seed", str(seed),
+               "--per_device_train_batch_size", str(batch), "--logging_steps", "50",
+               "--dataloader_workers", "1", *flags, *args.extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         start = time.time()
         with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
-            return {"arm": arm, "noise": noise, "seed": seed, "error": done.returncode}
+            return {"error": done.returncode}
         print(f"  done {run_dir.name} in {time.time() - start:.0f} s", flush=True)
-    return {"arm": arm, "noise": noise, "seed": seed,
-            "report": json.loads(report.read_text())}
+    return {"report": json.loads(report.read_text())}
+
+
+def pretrained_dir(out: Path, noise: float, seed: int) -> Path:
+    return out / "runs" / f"pretrain_noise{noise:g}_seed{seed}"
+
+
+def pretrain(args, out: Path, data: Path, noise: float, seed: int) -> dict:
+    """Supervised pretraining shared by every arm of this noise level and seed."""
+    result = train_run(args, pretrained_dir(out, noise, seed), data, args.pretrain_steps, seed,
+                       [*ARMS["sft"], "--learning_rate", str(args.pretrain_lr)],
+                       args.pretrain_batch)
+    return {"arm": "pretrain", "noise": noise, "seed": seed, **result}
+
+
+def run_one(args, out: Path, data: Path, arm: str, noise: float, seed: int) -> dict:
+    flags = list(ARMS[arm])
+    if args.pretrain_steps > 0:
+        flags += ["--policy", str(pretrained_dir(out, noise, seed) / "policy")]
+    result = train_run(args, out / "runs" / f"{arm}_noise{noise:g}_seed{seed}", data,
+                       args.steps, seed, flags, args.batch)
+    return {"arm": arm, "noise": noise, "seed": seed, **result}
 
 
 def table(rows: list[dict], gates: dict) -> str:
@@ -144,15 +174,29 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     levels = sorted(set(args.noise) | {args.ablation_noise})
-    data = {n: make_data(out, n, args.scenes) for n in levels}
+    with ThreadPoolExecutor(len(levels)) as pool:  # the generator runs in this process
+        data = dict(zip(levels, pool.map(lambda n: make_data(out, n, args.scenes), levels)))
     jobs = []
     for noise in args.noise:
         for arm in args.arms:
             if arm in MAIN_ARMS or noise == args.ablation_noise:
                 jobs += [(arm, noise, s) for s in args.seeds]
+    pretrain_rows = []
+    if args.pretrain_steps > 0:
+        cells = sorted({(noise, seed) for _, noise, seed in jobs})
+        print(f"{len(cells)} supervised pretraining runs of {args.pretrain_steps} steps",
+              flush=True)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            pretrain_rows = list(pool.map(lambda c: pretrain(args, out, data[c[0]], *c), cells))
+        if any("error" in r for r in pretrain_rows):
+            print(f"pretraining failed: {[r for r in pretrain_rows if 'error' in r]}")
+            return 1
+        if args.pretrain_only:
+            jobs = []
     print(f"{len(jobs)} runs, {args.parallel} at a time, {args.steps} steps each", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda j: run_one(args, out, data[j[1]], *j), jobs))
+    rows = pretrain_rows + rows
     gates = {}
     for n in args.noise:
         try:
