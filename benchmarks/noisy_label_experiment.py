@@ -42,7 +42,8 @@ ARMS = {
 }
 MAIN_ARMS = ("sft", "srdrl")
 METRICS = ("hazard_crossing_rate", "hazard_crossing_rate_in_path_scenes", "ade",
-           "ade_hazard_free", "min_ade", "reasoning_alignment_rate")
+           "ade_hazard_free", "min_ade", "reasoning_alignment_rate",
+           "noisy_label_left_behind_rate", "train_gt_is_best", "train_gate_fired")
 
 
 def parse_args(argv=None):
@@ -61,6 +62,10 @@ def parse_args(argv=None):
                         "it (--policy DIR), so each arm's budget is pretrain + --steps")
     p.add_argument("--pretrain-batch", type=int, default=16)
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--pretrained", default=None,
+                   help="start every arm from this local policy instead of pretraining here; "
+                        "'{noise}' in it is replaced by the noise level (e.g. "
+                        "runs/pre{noise}/policy): one shared pretraining per noise level")
     p.add_argument("--pretrain-only", action="store_true",
                    help="stop after pretraining (its runs are reused by a later call)")
     p.add_argument("--parallel", type=int, default=2, help="concurrent training processes")
@@ -96,7 +101,20 @@ def train_run(args, run_dir: Path, data: Path, steps: int, seed: int, flags: lis
         if done.returncode != 0:
             return {"error": done.returncode}
         print(f"  done {run_dir.name} in {time.time() - start:.0f} s", flush=True)
-    return {"report": json.loads(report.read_text())}
+    report = json.loads(report.read_text())
+    report.update(training_tail(run_dir / "metrics.jsonl"))
+    return {"report": report}
+
+
+TRAINING_METRICS = ("gt_is_best", "gate_fired", "reasoning", "safety")
+
+
+def training_tail(path: Path, last: int = 5) -> dict:
+    """Mean of the last ``last`` logged values of the SRD-RL step metrics (``train_*``)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "gt_is_best" in r][-last:]
+    return {f"train_{k}": float(np.mean([r[k] for r in rows])) for k in TRAINING_METRICS
+            if rows and k in rows[0]}
 
 
 def pretrained_dir(out: Path, noise: float, seed: int) -> Path:
@@ -113,7 +131,9 @@ def pretrain(args, out: Path, data: Path, noise: float, seed: int) -> dict:
 
 def run_one(args, out: Path, data: Path, arm: str, noise: float, seed: int) -> dict:
     flags = list(ARMS[arm])
-    if args.pretrain_steps > 0:
+    if args.pretrained:
+        flags += ["--policy", args.pretrained.replace("{noise}", f"{noise:g}")]
+    elif args.pretrain_steps > 0:
         flags += ["--policy", str(pretrained_dir(out, noise, seed) / "policy")]
     result = train_run(args, out / "runs" / f"{arm}_noise{noise:g}_seed{seed}", data,
                        args.steps, seed, flags, args.batch)
@@ -171,6 +191,8 @@ def gate_summary(data: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.pretrained and args.pretrain_steps > 0:
+        raise SystemExit("give --pretrained or --pretrain-steps, not both")
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     levels = sorted(set(args.noise) | {args.ablation_noise})
