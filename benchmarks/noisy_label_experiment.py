@@ -39,6 +39,15 @@ ARMS = {
     # (best F1 on the generator's seed-0 training set: 0.69)
     "srdrl_gate07": ["--unsafe_threshold", "0.7"],
     "srdrl_gate07_gated_sft": ["--unsafe_threshold", "0.7", "--gate_supervised_loss"],
+    # remedy: more RL signal: 8 samples per scene and rl_loss_weight 2 on top of the above
+    "srdrl_gate07_gated_sft_rl2_n8": ["--unsafe_threshold", "0.7", "--gate_supervised_loss",
+                                      "--rl_loss_weight", "2", "--num_trajectory_samples", "8"],
+    "srdrl_gate07_gated_sft_rl4_n16": ["--unsafe_threshold", "0.7", "--gate_supervised_loss",
+                                       "--rl_loss_weight", "4", "--num_trajectory_samples", "16"],
+    # ... and a stronger say for the reasoning (its ablation changed nothing at weight 0.3)
+    "srdrl_gate07_gated_sft_rl2_n8_reason1": [
+        "--unsafe_threshold", "0.7", "--gate_supervised_loss", "--rl_loss_weight", "2",
+        "--num_trajectory_samples", "8", "--reasoning_reward_weight", "1.0"],
 }
 MAIN_ARMS = ("sft", "srdrl")
 METRICS = ("hazard_crossing_rate", "hazard_crossing_rate_in_path_scenes", "ade",
@@ -66,6 +75,9 @@ def parse_args(argv=None):
                    help="start every arm from this local policy instead of pretraining here; "
                         "'{noise}' in it is replaced by the noise level (e.g. "
                         "runs/pre{noise}/policy): one shared pretraining per noise level")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: tabulate the reports already under OUT/runs (runs "
+                        "made by several calls, e.g. on different machines, merged there)")
     p.add_argument("--pretrain-only", action="store_true",
                    help="stop after pretraining (its runs are reused by a later call)")
     p.add_argument("--parallel", type=int, default=2, help="concurrent training processes")
@@ -88,6 +100,8 @@ def train_run(args, run_dir: Path, data: Path, steps: int, seed: int, flags: lis
               batch: int) -> dict:
     """One ``python -m srdrl.train`` process (skipped when its report exists); its report."""
     report = run_dir / "eval_report.json"
+    if not report.is_file() and args.collect:
+        return {"error": "missing"}
     if not report.is_file():
         cmd = [sys.executable, "-m", "srdrl.train", "--data_path", str(data / "train.jsonl"),
                "--output_dir", str(run_dir), "--max_steps", str(steps), "--seed", str(seed),
