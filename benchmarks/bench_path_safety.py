@@ -11,6 +11,7 @@ and 20/80 % quantiles.
 The floor: a patch-reading kernel must at least move the patch bytes, B*N*T*P*P*3, once at
 the device-to-device copy bandwidth measured in this run (bytes read + written / time) and
 pay one launch (an empty Triton kernel, measured eagerly and from a graph).
+Timing, copy bandwidth, versions and the JSON file come from benchmarks/common.py.
 
 Run on the GPU machine:  python benchmarks/bench_path_safety.py [--iters 100]
 Full numbers go to $OUT/bench_path_safety.json (default ./bench_out).
@@ -20,8 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import copy_bandwidth, device_info, time_cuda, write_json  # noqa: E402
 
 CASES = {"small": (8, 4, 64), "large": (64, 16, 64)}  # (B, N, T)
 
@@ -69,46 +75,10 @@ def make_inputs(B, N, T, H, W, seed, device):
     return dict(images=images, trajectories=paths.float().contiguous(), K=K, T_cam_from_ego=T_ce)
 
 
-class Timer:
-    """Per-call CUDA-event timing with an L2 flush before each call."""
-
-    def __init__(self, iters, warmup, flush):
-        import torch
-
-        self.iters, self.warmup = iters, warmup
-        self.scrub = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda") if flush else None
-
-    def __call__(self, fn):
-        import torch
-
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.iters):
-            if self.scrub is not None:
-                self.scrub.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
-        times.sort()
-        q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-        return {"median_s": q(0.5), "p20_s": q(0.2), "p80_s": q(0.8), "min_s": times[0]}
-
-
-def copy_bandwidth(timer):
-    import torch
-
-    n = 2 * 2**30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * n / timer(lambda: dst.copy_(src))["median_s"]
-
-
 def empty_launch(timer):
-    """Seconds for one empty Triton kernel: launched eagerly, and replayed from a graph."""
+    """Seconds for one empty Triton kernel: launched eagerly, and replayed from a graph.
+
+    ``timer``: :func:`common.time_cuda` with this run's settings."""
     import torch
     import triton
 
@@ -117,11 +87,11 @@ def empty_launch(timer):
         pass
 
     x = torch.empty(1, device="cuda")
-    eager = timer(lambda: _empty[(1,)](x))["median_s"]
+    eager = timer(lambda: _empty[(1,)](x)).median_s
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         _empty[(1,)](x)
-    return eager, timer(graph.replay)["median_s"]
+    return eager, timer(graph.replay).median_s
 
 
 def check(result, expected, k):
@@ -151,9 +121,10 @@ def peak_extra_memory(fn):
 
 def run_case(name, shape, args, timer, bandwidth, launch_graph_s):
     import torch
+    from srdrl.kernels.path_safety_common import reference_colour
     from srdrl.kernels.path_safety_kornia import path_safety_kornia
     from srdrl.kernels.path_safety_triton import allocate_outputs, path_safety_triton
-    from srdrl.kernels.reference import path_safety_reference, reference_colour
+    from srdrl.kernels.reference import path_safety_reference
 
     B, N, T = shape
     H, W, P = args.height, args.width, args.patch_size
@@ -189,7 +160,7 @@ def run_case(name, shape, args, timer, bandwidth, launch_graph_s):
 
     def measure(label, fn, result, memory):
         row = {"check": check(result, expected, k), "peak_extra_bytes": memory}
-        row.update(timer(fn))
+        row.update(timer(fn).summary("s"))
         row["patches_per_s"] = patches / row["median_s"]
         row["vs_reference"] = reference_s / row["median_s"]
         row["patch_bandwidth_fraction"] = patch_bytes / row["median_s"] / bandwidth
@@ -224,9 +195,7 @@ def run_case(name, shape, args, timer, bandwidth, launch_graph_s):
 
 def main():
     args = parse_args()
-    import kornia
     import torch
-    import triton
 
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -234,12 +203,13 @@ def main():
         CASES["small"] = tuple(args.small)
     if args.large:
         CASES["large"] = tuple(args.large)
-    timer = Timer(args.iters, args.warmup, flush=not args.no_flush)
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__, "kornia": kornia.__version__,
-           "l2_flushed": not args.no_flush, "iters": args.iters}
+    flush = not args.no_flush
+    timer = partial(time_cuda, iters=args.iters, warmup=args.warmup, flush_l2=flush)
+    info = device_info()
+    env = {key: info.get(key) for key in ("gpu", "torch", "triton", "kornia")}
+    env.update(l2_flushed=flush, iters=args.iters)
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    bandwidth = copy_bandwidth(timer)
+    bandwidth = copy_bandwidth(iters=args.iters, warmup=args.warmup, flush_l2=flush)
     launch_eager_s, launch_graph_s = empty_launch(timer)
     env.update(copy_bandwidth_Bps=bandwidth, empty_launch_eager_s=launch_eager_s,
                empty_launch_graph_s=launch_graph_s)
@@ -252,10 +222,7 @@ def main():
         results[name] = run_case(name, CASES[name], args, timer, bandwidth, launch_graph_s)
         print(json.dumps(results[name], indent=1), flush=True)
 
-    out_dir = os.environ.get("OUT", "bench_out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_path_safety.json"), "w") as f:
-        json.dump({"env": env, "cases": results}, f, indent=1)
+    write_json("bench_path_safety.json", {"env": env, "cases": results})
 
     print(f"\n{env['gpu']}; torch {env['torch']}, triton {env['triton']}, kornia {env['kornia']}")
     head = (f"{'case':6} {'variant':28} {'median us':>10} {'p20-p80 us':>15} {'Mpatch/s':>9} "

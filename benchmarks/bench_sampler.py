@@ -15,21 +15,21 @@ Targets: graph >= 3x eager and >= 10x sequential, and within 1.25x of its kernel
     python benchmarks/bench_sampler.py --precision autocast --scenes 4 --samples 8
 
 Prints the GPU, versions and a short table last; writes everything to
-$OUT/bench_sampler.json (OUT defaults to ./bench_out).
+$OUT/bench_sampler.json (OUT defaults to ./bench_out). Timing, versions and the JSON file
+come from benchmarks/common.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+from common import device_info, time_cuda, write_json  # noqa: E402
 
 TARGETS = {"graph_vs_eager": 3.0, "graph_vs_sequential": 10.0, "graph_vs_floor": 1.25}
 
@@ -72,21 +72,11 @@ def fake_batch(num_scenes: int, seed: int) -> dict:
     }
 
 
-def time_cuda(fn, repeats: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1],
-            "times_ms": times}
+def time_ms(fn, repeats: int, warmup: int) -> dict:
+    """CUDA-event timing of ``fn`` as this report lists it: median, 20/80 % quantiles and
+    every sample, in milliseconds."""
+    return time_cuda(fn, iters=repeats, warmup=warmup).summary(
+        "ms", include_min=False, include_times=True)
 
 
 def kernel_floor_ms(fn, calls: int = 5, top: int = 0) -> tuple[float, int]:
@@ -119,8 +109,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_sampler needs a CUDA GPU (use --help for the options)", file=sys.stderr)
         return 2
-    import transformers
-
     from srdrl.policy import (
         Denoiser,
         PolicyConfig,
@@ -193,9 +181,9 @@ def main(argv=None) -> int:
 
     # ---- timing
     results = {
-        "sequential": time_cuda(sequential, args.sequential_repeats, 1),
-        "eager": time_cuda(eager, args.repeats, args.warmup),
-        "graph": time_cuda(graph, args.repeats, args.warmup),
+        "sequential": time_ms(sequential, args.sequential_repeats, 1),
+        "eager": time_ms(eager, args.repeats, args.warmup),
+        "graph": time_ms(graph, args.repeats, args.warmup),
     }
     floor_ms, kernels = kernel_floor_ms(graph, top=args.top_kernels)
     eager_floor_ms, eager_kernels = kernel_floor_ms(eager)
@@ -206,10 +194,10 @@ def main(argv=None) -> int:
         "graph_vs_floor": g / floor_ms,
         "eager_vs_its_floor": results["eager"]["median_ms"] / eager_floor_ms,
     }
+    info = device_info()
     report = {
-        "gpu": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "gpu": info["gpu"],
+        "versions": {key: info.get(key) for key in ("torch", "cuda", "transformers", "python")},
         "args": vars(args),
         "config": config.to_dict(),
         "prefix_tokens": prefix_len,
@@ -225,9 +213,7 @@ def main(argv=None) -> int:
         "targets": TARGETS,
         "graph_captures": denoiser.captures,
     }
-    out_dir = Path(os.environ.get("OUT", "bench_out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_sampler.json").write_text(json.dumps(report, indent=2))
+    json_path = write_json("bench_sampler.json", report)
 
     v = report["versions"]
     print(f"GPU: {report['gpu']} | torch {v['torch']} (CUDA {v['cuda']}) | "
@@ -253,7 +239,7 @@ def main(argv=None) -> int:
         f"graph/floor {ratios['graph_vs_floor']:.3f} (target <= {TARGETS['graph_vs_floor']})",
     ]
     print("; ".join(verdict))
-    print(f"wrote {out_dir / 'bench_sampler.json'}")
+    print(f"wrote {json_path}")
     return 0 if ok else 1
 
 

@@ -1,8 +1,8 @@
 """Path safety: how rough and how off-colour the terrain under each candidate path looks.
 
-The public entry point of the scoring kernels (DESIGN.md, "Path safety"). For every waypoint
-of every candidate trajectory, project it into the scene's camera, crop the P x P patch
-around it (smaller at the image border), and measure
+The public entry point of the scoring kernels (docs/DESIGN.md, "Path safety"). For every
+waypoint of every candidate trajectory, project it into the scene's camera, crop the P x P
+patch around it (smaller at the image border), and measure
 
 - texture: population variance of the OpenCV-style Laplacian of the patch's grayscale,
 - colour: distance of the patch's mean RGB from the scene's reference colour (the mean of
@@ -14,40 +14,28 @@ Per candidate, over its visible waypoints::
     consistency = 1 - clamp(mean colour distance / colour_scale, 0, 1)
     safety      = 0.5 (1 - texture) + 0.5 consistency      (0.5 with no visible waypoint)
 
-Backends, all with the same semantics (``reference.py`` is the oracle):
+Backends, one module each, all with the same signature and semantics (``reference.py`` is
+the oracle); each imports only ``path_safety_common`` of this package, and is imported here
+on first use, so Triton and OpenCV load only when chosen:
 
-- ``"triton"``: fused kernel, CUDA tensors (or any tensors under ``TRITON_INTERPRET=1``),
-  capturable in a CUDA graph.
-- ``"kornia"``: batched torch/Kornia ops, CPU or GPU.
-- ``"reference"``: the original Python loop over OpenCV calls (needs ``opencv-python``).
+- ``"triton"`` (``path_safety_triton.py``): fused kernels, CUDA tensors (or any tensors
+  under ``TRITON_INTERPRET=1``), capturable in a CUDA graph.
+- ``"kornia"`` (``path_safety_kornia.py``): batched torch/Kornia ops, CPU or GPU.
+- ``"reference"`` (``reference.py``): the original Python loop over OpenCV calls, in
+  float64 (needs ``opencv-python``); its scores are converted to float32 here.
 - ``"auto"``: Triton on CUDA, Kornia elsewhere.
+
+This module checks the inputs (clear errors instead of wrong scores) and dispatches.
 """
 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 
-BACKENDS = ("auto", "triton", "kornia", "reference")
-
-
-class PathSafety(NamedTuple):
-    """Scores of B scenes x N candidates x T waypoints.
-
-    Invisible waypoints (behind the camera or off the image) have variance 0 and colour
-    distance 0, so that sums over T equal sums over visible waypoints.
-    """
-
-    safety: torch.Tensor
-    """(B, N) float32 in [0, 1]; 0.5 for a candidate with no visible waypoint."""
-    variance: torch.Tensor
-    """(B, N, T) float32: Laplacian variance of each waypoint's patch (grey levels^2)."""
-    colour_distance: torch.Tensor
-    """(B, N, T) float32: ||patch mean RGB - reference RGB|| / 255."""
-    visible: torch.Tensor
-    """(B, N, T) bool: depth > 0.1 m and the projection lies inside the image."""
+from .path_safety_common import BACKENDS, PathSafety
 
 
 def _check_tensor(name: str, x, rank: int, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -160,18 +148,26 @@ def path_safety(
                          "before triton is imported); use backend='kornia' on the CPU")
     images = images.contiguous()
     trajectories = trajectories.contiguous()
-    kwargs = dict(patch_size=patch_size, texture_scale=float(texture_scale),
-                  colour_scale=float(colour_scale), ref_rgb=ref_rgb)
+    result = _backend_function(backend)(
+        images, trajectories, K, T_cam_from_ego, patch_size=patch_size,
+        texture_scale=float(texture_scale), colour_scale=float(colour_scale), ref_rgb=ref_rgb,
+    )
+    # The reference scores in float64; .float() leaves float32 tensors as they are.
+    return PathSafety(result.safety.float(), result.variance.float(),
+                      result.colour_distance.float(), result.visible)
+
+
+def _backend_function(backend: str) -> Callable[..., PathSafety]:
+    """The named backend's scoring function, imported now (not with this module): Triton
+    and OpenCV load only when their backend is used."""
     if backend == "triton":
         from .path_safety_triton import path_safety_triton
 
-        return path_safety_triton(images, trajectories, K, T_cam_from_ego, **kwargs)
+        return path_safety_triton
     if backend == "kornia":
         from .path_safety_kornia import path_safety_kornia
 
-        return path_safety_kornia(images, trajectories, K, T_cam_from_ego, **kwargs)
+        return path_safety_kornia
     from .reference import path_safety_reference
 
-    result = path_safety_reference(images, trajectories, K, T_cam_from_ego, **kwargs)
-    return PathSafety(result.safety.float(), result.variance.float(),
-                      result.colour_distance.float(), result.visible)
+    return path_safety_reference

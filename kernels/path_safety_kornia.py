@@ -15,8 +15,7 @@ import torch
 
 from srdrl.camera import project_points, visible
 
-from .path_safety import PathSafety
-from .reference import GRAY_SHIFT, GRAY_WEIGHTS, reference_colour
+from .path_safety_common import GRAY_SHIFT, GRAY_WEIGHTS, PathSafety, reference_colour
 
 # cv2.Laplacian with ksize=1.
 LAPLACIAN_4 = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])

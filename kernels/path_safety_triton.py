@@ -48,8 +48,7 @@ import triton.language as tl
 
 from srdrl.camera import MIN_DEPTH
 
-from .path_safety import PathSafety
-from .reference import GRAY_SHIFT, GRAY_WEIGHTS, reference_region
+from .path_safety_common import GRAY_SHIFT, GRAY_WEIGHTS, PathSafety, reference_region
 
 ROW_UNROLL = 4
 """Unroll factor of the loop over a patch's rows (measured best of 2, 4, 8 on an H100)."""

@@ -1,9 +1,12 @@
 """Path safety, the plain way: a Python loop over waypoints with OpenCV, in float64.
 
 This is the test oracle, the baseline the benchmarks compare against, and the written-out
-math of DESIGN.md "Path safety". It is what the original CPU code did, one waypoint at a
-time. OpenCV is a test/benchmark extra, never a runtime dependency, so it is imported only
-when this runs.
+math of docs/DESIGN.md "Path safety". It is what the original CPU code did, one waypoint at
+a time. As a backend it takes the arguments of the others and returns their
+:class:`PathSafety`, in float64 (the dispatcher converts to float32). OpenCV is a
+test/benchmark extra, never a runtime dependency, so it is imported only when this runs.
+``reference_colour`` lives in ``path_safety_common`` (it is plain torch, shared with the
+Kornia backend) and is importable from here too.
 """
 
 from __future__ import annotations
@@ -15,38 +18,9 @@ import torch
 
 from srdrl.camera import project_points, visible
 
-from .path_safety import PathSafety
+from .path_safety_common import PathSafety, reference_colour
 
-# OpenCV's RGB2GRAY for uint8 is fixed point with 15 fractional bits, rounded half up
-# (0.299, 0.587, 0.114 scaled by 2^15, summing to exactly 2^15). The 14-bit weights
-# (4899, 9617, 1868) of its YUV code differ on 43864 of the 2^24 colours; the test checks
-# all of them against cv2.
-GRAY_SHIFT = 15
-GRAY_WEIGHTS = (9798, 19235, 3735)
-
-
-def reference_region(height: int, width: int) -> tuple[int, int, int, int]:
-    """Rows r0..r1 and columns c0..c1 (exclusive ends) of the bottom-centre region.
-
-    Rows int(0.8 H)..H, columns int(0.4 W)..int(0.6 W), widened to one pixel for tiny
-    images so that the mean is always defined.
-    """
-    r0, c0 = int(0.8 * height), int(0.4 * width)
-    c1 = max(int(0.6 * width), c0 + 1)
-    return min(r0, height - 1), height, c0, c1
-
-
-def reference_colour(images: torch.Tensor) -> torch.Tensor:
-    """Mean RGB (B, 3) float64 of each image's bottom-centre region; images (B, H, W, 3) uint8.
-
-    Used by the reference and Kornia backends (the Triton one sums the same region in its
-    own kernel). The sum is taken in int32, exactly (any region under 8.4 million pixels),
-    then divided once.
-    """
-    r0, r1, c0, c1 = reference_region(images.shape[1], images.shape[2])
-    region = images[:, r0:r1, c0:c1]  # (B, rows, cols, 3) uint8 view
-    total = region.sum(dim=(1, 2), dtype=torch.int32)  # (B, 3)
-    return total.to(torch.float64) / ((r1 - r0) * (c1 - c0))
+__all__ = ["path_safety_reference", "patch_statistics", "reference_colour"]
 
 
 def _import_cv2():
