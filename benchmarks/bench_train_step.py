@@ -9,10 +9,11 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, torch AdamW, 1 
                 re-encodes its scene and runs its own Euler loop at batch 1) and the
                 OpenCV reference loop for scoring, ZeRO-2
 
-Per variant: median step time (CUDA events around forward + backward + optimiser step,
-after warm-up; the VLM inputs are built outside the step, as the DataLoader's workers
-do in training), the split into vlm_forward / supervised / sampling / scoring / awr /
-backward / optimizer_step (CUDA events, summed per phase), scenes/s and peak device memory
+Per variant: median step time (``common.time_cuda``: CUDA events around forward + backward
++ optimiser step, after warm-up; the VLM inputs are built outside the step, as the
+DataLoader's workers do in training), the split into vlm_forward / supervised / sampling /
+scoring / awr / backward / optimizer_step (CUDA events per phase, mean over the timed
+steps), scenes/s and peak device memory
 over the timed steps. Targets: sampling + scoring <= 25% of the step; the step >= 5x the
 original pipeline; ZeRO-3 peak memory below ZeRO-2's (needs several GPUs to show: with one
 rank ZeRO-3 has nothing to partition across).
@@ -27,12 +28,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_info, time_cuda, write_json  # noqa: E402
 
 VARIANTS = ("zero2_graph", "zero2_eager", "zero3", "original")
 
@@ -73,13 +76,12 @@ def one_at_a_time(policy, batch, num_samples, steps, noise_scale_step, generator
 def run_variant(name, args, batch, texts):
     import deepspeed
 
-    import srdrl.objective as objective_module
     from srdrl.config import ObjectiveConfig, RewardConfig
-    from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
+    from srdrl.engine import SRDRLModule, train_step
+    from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer, sample_trajectories
     from srdrl.policy.model import VLM_INPUTS_KEY
     from srdrl.policy.noise import SceneNoise
     from srdrl.timing import SectionTimer
-    from srdrl.train import SRDRLModule, sample_gathered
 
     stage = 3 if name == "zero3" else 2
     ds = {"train_micro_batch_size_per_gpu": args.scenes, "gradient_accumulation_steps": 1,
@@ -92,51 +94,38 @@ def run_variant(name, args, batch, texts):
     rewards = RewardConfig(scoring_backend="reference" if name == "original" else "triton")
     torch.manual_seed(0)
     config = PolicyConfig.preset(args.preset)
-    module = SRDRLModule(VLAPolicy(config, build_tokenizer(config, texts)))
+    module = SRDRLModule(VLAPolicy(config, build_tokenizer(config, texts)), objective, rewards,
+                         zero_stage=stage,
+                         sampler=one_at_a_time if name == "original" else sample_trajectories)
     engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                       config=ds)
     # As in training, the DataLoader's workers build the VLM inputs ahead of the step.
     batch = {**batch, VLM_INPUTS_KEY: module.policy.input_builder(batch)}
-    real_sampler = objective_module.sample_trajectories
-    if name == "original":
-        objective_module.sample_trajectories = one_at_a_time
     timer = SectionTimer()
-    steps, splits = [], []
+    step = {"i": 0}
+
+    def one_step():
+        i = step["i"]
+        step["i"] += 1
+        noise = SceneNoise(list(range(i * args.scenes, (i + 1) * args.scenes)))
+        train_step(engine, batch, noise, timer)
+
+    for _ in range(args.warmup):
+        one_step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    timer.collect()  # drop the warm-up's sections
     timed = args.original_steps if name == "original" else args.steps
-    try:
-        for i in range(args.warmup + timed):
-            if i == args.warmup:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                timer.collect()
-            noise = SceneNoise(list(range(i * args.scenes, (i + 1) * args.scenes)))
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            samples = None
-            if stage == 3:
-                with timer.section("sampling"):
-                    samples = sample_gathered(engine, batch, objective, noise)
-            loss, _ = engine(batch, objective, rewards, noise, samples, timer)
-            with timer.section("backward"):
-                engine.backward(loss)
-            with timer.section("optimizer_step"):
-                engine.step()
-            end.record()
-            split = timer.collect()  # synchronises
-            if i >= args.warmup:
-                steps.append(start.elapsed_time(end))
-                splits.append(split)
-        peak = torch.cuda.max_memory_allocated()
-    finally:
-        objective_module.sample_trajectories = real_sampler
-    median = statistics.median(steps)
-    phases = {k: statistics.median(s.get(k, 0.0) for s in splits)
-              for k in sorted({k for s in splits for k in s})}
-    result = {"step_ms_median": median, "step_ms_all": steps, "phases_ms": phases,
-              "scenes_per_s": args.scenes / (median / 1e3), "peak_memory_gib": peak / 2**30,
+    timing = time_cuda(one_step, iters=timed, warmup=0)
+    phases = {k: v / timed for k, v in sorted(timer.collect().items())}  # mean ms per step
+    peak = torch.cuda.max_memory_allocated()
+    median = 1e3 * timing.median_s
+    result = {"step_ms_median": median, "step_ms_all": [1e3 * t for t in timing.times_s],
+              "phases_ms": phases, "scenes_per_s": args.scenes / timing.median_s,
+              "peak_memory_gib": peak / 2**30,
               "sampling_plus_scoring_fraction":
                   (phases.get("sampling", 0) + phases.get("scoring", 0)) / median}
-    del engine, module
+    engine = module = None  # free the GPU memory before the next variant
     gc.collect()
     torch.cuda.empty_cache()
     return result
@@ -149,12 +138,13 @@ def main(argv=None) -> int:
         return 1
     from srdrl.data.dataset import JsonlDataset, collate
     from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
-    from srdrl.train import init_distributed
+    from srdrl.engine import init_distributed
 
     init_distributed()
     with tempfile.TemporaryDirectory() as tmp:
-        make_dataset(SyntheticDataConfig(out=tmp, num_scenes=args.scenes + 2, width=args.width,
-                                         height=args.height, seed=0), progress=False)
+        make_dataset(SyntheticDataConfig(output_dir=tmp, num_scenes=args.scenes + 2,
+                                         width=args.width, height=args.height, seed=0),
+                     progress=False)
         ds = JsonlDataset(Path(tmp) / "train.jsonl")
         batch = collate([ds[i] for i in range(args.scenes)])
         texts = [r["reasoning"] for r in ds.records]
@@ -163,13 +153,8 @@ def main(argv=None) -> int:
         results[name] = run_variant(name, args, batch, texts)
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "step_ms_all"}),
               flush=True)
-    import deepspeed
-    import triton
-
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "deepspeed": deepspeed.__version__,
-            "scenes": args.scenes, "samples": args.samples, "preset": args.preset,
-            "image": f"{args.width}x{args.height}"}
+    info = {**device_info(), "scenes": args.scenes, "samples": args.samples,
+            "preset": args.preset, "image": f"{args.width}x{args.height}"}
     ratios = {}
     if "original" in results and "zero2_graph" in results:
         ratios["zero2_graph_vs_original"] = (results["original"]["step_ms_median"]
@@ -177,10 +162,7 @@ def main(argv=None) -> int:
     if "zero2_eager" in results and "zero2_graph" in results:
         ratios["graph_vs_eager_step"] = (results["zero2_eager"]["step_ms_median"]
                                          / results["zero2_graph"]["step_ms_median"])
-    out = Path(os.environ.get("OUT", "bench_out"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train_step.json").write_text(json.dumps(
-        {"info": info, "results": results, "ratios": ratios}, indent=2))
+    write_json("bench_train_step.json", {"info": info, "results": results, "ratios": ratios})
     print(f"\n{info}")
     cols = ["vlm_forward", "supervised", "sampling", "scoring", "awr", "backward",
             "optimizer_step"]

@@ -5,7 +5,7 @@
           + rl_loss_weight          * AWR
           + consistency_loss_weight * InfoNCE(vision, language, trajectory)
 
-AWR (DESIGN.md, "The RL loss"): candidates per scene are the label (index 0) plus N policy
+AWR (docs/DESIGN.md, "The RL loss"): candidates per scene are the label (index 0) plus N policy
 samples drawn under no_grad from the same prefix; each is scored by ``srdrl.rewards``;
 advantage = reward - the scene's mean (optionally / its std). Mode ``best`` trains toward
 the argmax candidate with weight min(exp(A / temperature), max_weight); mode ``all``
@@ -16,6 +16,10 @@ the sampler produced it from; the label's is ``traj_to_action`` of the label.
 
 ``rl_loss_weight = 0`` samples nothing and scores nothing (unless the trust gate scales
 the supervised loss): the result is the supervised loss, bit for bit.
+
+How candidates are drawn and scored is passed in (``sample_candidates``, ``scorer``), so
+the trainer decides where sampling runs for its ZeRO stage (``srdrl.engine``) and tests
+or benchmarks substitute their own without touching module globals.
 """
 
 from __future__ import annotations
@@ -97,9 +101,9 @@ def consistency_loss(heads: ConsistencyHeads, prefix: Prefix, traj_feat: torch.T
             + info_nce(lang, tr, temperature)) / 3.0
 
 
-def _score(policy, batch, candidates, label, cfg: RewardConfig) -> RewardTerms:
+def _score(scorer, batch, candidates, label, cfg: RewardConfig) -> RewardTerms:
     device = candidates.device
-    return score_candidates(
+    return scorer(
         batch["images"][:, -1].to(device), candidates, label,
         batch["ego_history_xyz"].to(device), batch["K"].to(device),
         batch["T_cam_from_ego"].to(device), batch["reasoning_text"], cfg,
@@ -115,15 +119,25 @@ def srdrl_loss(
     generator: torch.Generator | None = None,
     samples: tuple[torch.Tensor, torch.Tensor] | None = None,
     timer=NULL_TIMER,
+    sample_candidates=None,
+    scorer=score_candidates,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The total loss for one batch and its metrics (floats, for logging).
 
     ``samples`` (actions (B, N, 64, 2), trajectories (B, N, 64, 3)) are candidates already
     drawn by the caller (ZeRO-3 draws them outside the engine's forward, with the
-    parameters gathered); by default they are drawn here from this step's prefix.
+    parameters gathered); otherwise ``sample_candidates(batch, generator, prefix)`` draws
+    them from this step's prefix (default: ``sample_trajectories`` with ``cfg``'s
+    settings). ``scorer`` has the signature of ``srdrl.rewards.score_candidates``.
     ``timer.section(name)`` brackets the phases (vlm_forward, supervised, sampling,
     scoring, awr) for benchmarks.
     """
+    if sample_candidates is None:
+        def sample_candidates(batch, generator, prefix):
+            return sample_trajectories(
+                policy, batch, cfg.num_trajectory_samples, steps=cfg.flow_steps,
+                noise_scale_step=cfg.noise_scale_step, generator=generator,
+                use_cuda_graph=cfg.use_cuda_graph, prefix=prefix)
     device = policy.device
     label = batch["trajectory"].to(device=device, dtype=torch.float32)  # (B, T, 3)
     history = batch["ego_history_xyz"].to(device=device, dtype=torch.float32)
@@ -148,16 +162,12 @@ def srdrl_loss(
     if cfg.rl_loss_weight > 0:
         if samples is None:
             with torch.no_grad(), timer.section("sampling"):  # not differentiated
-                samples = sample_trajectories(
-                    policy, batch, cfg.num_trajectory_samples, steps=cfg.flow_steps,
-                    noise_scale_step=cfg.noise_scale_step, generator=generator,
-                    use_cuda_graph=cfg.use_cuda_graph, prefix=prefix.detach(),
-                )
+                samples = sample_candidates(batch, generator, prefix.detach())
         actions, trajs = (x.to(device) for x in samples)
         candidates = torch.cat([label[:, None], trajs], dim=1)  # (B, 1 + N, T, 3)
         cand_actions = torch.cat([label_actions[:, None], actions], dim=1)  # (B, 1 + N, T, 2)
         with timer.section("scoring"):
-            terms = _score(policy, batch, candidates, label, reward_cfg)
+            terms = _score(scorer, batch, candidates, label, reward_cfg)
         with timer.section("awr"):
             adv = advantages(terms.reward, cfg.normalize_advantage)  # (B, C)
             weights = awr_weights(adv, cfg.awr_temperature, cfg.awr_max_weight)
@@ -173,7 +183,7 @@ def srdrl_loss(
         gt_weight = terms.gt_weight
         metrics.update(_reward_metrics(terms, adv, weights))
     elif cfg.gate_supervised_loss:  # the gate needs the label's own safety and danger
-        gt_weight = _score(policy, batch, label[:, None], label, reward_cfg).gt_weight
+        gt_weight = _score(scorer, batch, label[:, None], label, reward_cfg).gt_weight
 
     if cfg.gate_supervised_loss and gt_weight is not None:
         traj = (traj_per_scene * gt_weight.to(traj_per_scene)).mean()

@@ -24,107 +24,45 @@ flag is listed by ``srdrl-train --help``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
-import socket
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig, config_summary, field_docs
-from srdrl.data.dataset import JsonlDataset, collate
-from srdrl.objective import ConsistencyHeads, srdrl_loss
-from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer, sample_trajectories
-from srdrl.policy.model import VLM_INPUTS_KEY
+from srdrl.checkpoint import CHECKPOINTS, export_policy, load_checkpoint, save_checkpoint
+from srdrl.cli import parse_config
+from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig, config_summary
+from srdrl.data.dataset import JsonlDataset
+from srdrl.data.loader import ResumableSampler, VLMCollate
+from srdrl.engine import (
+    SRDRLModule,
+    init_distributed,
+    resolve_deepspeed_config,
+    train_step,
+    warmup_cosine,
+    zero_stage_of,
+)
+from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
 from srdrl.policy.noise import SceneNoise, scene_seed
-from srdrl.timing import NULL_TIMER
 
-DEFAULT_DEEPSPEED_CONFIG = Path(__file__).with_name("ds_config.json")
-"""The built-in DeepSpeed config, used when --deepspeed_config is not given."""
-
-CHECKPOINTS = "checkpoints"
-EXPORT = "policy"
-
-
-# --------------------------------------------------------------------------- arguments
+CONFIG_CLASSES = (TrainConfig, ObjectiveConfig, RewardConfig)
 
 
 def parse_args(argv: list[str] | None = None):
-    """(TrainConfig, ObjectiveConfig, RewardConfig) from the command line."""
-    from transformers import HfArgumentParser
-
-    classes = (TrainConfig, ObjectiveConfig, RewardConfig)
-    parser = HfArgumentParser(classes, description=__doc__.split("\n\n")[0])
-    docs = {k: v for cls in classes for k, v in field_docs(cls).items()}
-    for action in parser._actions:
-        if action.dest in docs:
-            action.help = docs[action.dest].replace("%", "%%")  # argparse formats help
-    try:
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:  # a __post_init__ check
-        parser.error(str(e))
-
-
-def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """Read the JSON config and fill what the flags decide."""
-    path = Path(cfg.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config not found: {path} (--deepspeed_config)")
-    ds = json.loads(path.read_text())
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-    if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
-        raise ValueError(
-            f"{path}: train_batch_size {ds['train_batch_size']} is not per_device_train_batch_"
-            f"size ({cfg.per_device_train_batch_size}) x gradient_accumulation_steps "
-            f"({cfg.gradient_accumulation_steps}) x world size ({world_size}) = "
-            f"{global_batch}; remove it from the config (the flags decide) or make them agree")
-    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
-    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
-    ds["train_batch_size"] = global_batch
-    zero = ds.setdefault("zero_optimization", {})
-    if cfg.zero_stage is not None:
-        zero["stage"] = cfg.zero_stage
-    if zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise ValueError(f"{path}: unknown ZeRO stage {zero.get('stage')!r}; use 0, 1, 2 or 3")
-    ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
-    ds["optimizer"].setdefault("params", {})["lr"] = cfg.learning_rate
-    for key in ("bf16", "fp16"):
-        if ds.get(key, {}).get("enabled") == "auto":
-            ds[key]["enabled"] = torch.cuda.is_available() and key == "bf16"
-    ds.pop("scheduler", None)  # the schedule is ours (warm-up + cosine), saved with the engine
-    return ds
+    """(TrainConfig, ObjectiveConfig, RewardConfig) from --config and the command line."""
+    return parse_config(CONFIG_CLASSES, argv, prog="srdrl-train",
+                        description=__doc__.split("\n\n")[0])
 
 
 # --------------------------------------------------------------------------- set-up
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the launcher's process group, or make a group of one without a launcher."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # srdrl-train without a launcher
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
 
 
 def prepare_data(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
@@ -135,7 +73,8 @@ def prepare_data(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
             from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
 
             print(f"no --data_path: generating {cfg.synthetic_scenes} synthetic scenes in {root}")
-            make_dataset(SyntheticDataConfig(out=str(root), num_scenes=cfg.synthetic_scenes,
+            make_dataset(SyntheticDataConfig(output_dir=str(root),
+                                             num_scenes=cfg.synthetic_scenes,
                                              label_noise=cfg.synthetic_label_noise,
                                              seed=cfg.seed))
         torch.distributed.barrier()
@@ -158,126 +97,6 @@ def build_policy(cfg: TrainConfig, texts: list[str]) -> VLAPolicy:
     return VLAPolicy(config, build_tokenizer(config, texts))
 
 
-class SRDRLModule(nn.Module):
-    """What DeepSpeed wraps: the policy and the consistency heads; forward is the loss."""
-
-    def __init__(self, policy: VLAPolicy):
-        super().__init__()
-        self.policy = policy
-        self.heads = ConsistencyHeads.for_policy(policy)
-
-    def forward(self, batch, objective, rewards, generator, samples=None, timer=NULL_TIMER):
-        return srdrl_loss(self.policy, self.heads, batch, objective, rewards, generator,
-                          samples=samples, timer=timer)
-
-
-class VLMCollate:
-    """collate plus the policy's VLM inputs (image preprocessing, tokens), so that the
-    DataLoader's worker processes do that CPU work while the GPU runs the previous step."""
-
-    def __init__(self, builder):
-        self.builder = builder
-
-    def __call__(self, samples: list[dict]) -> dict:
-        batch = collate(samples)
-        batch[VLM_INPUTS_KEY] = self.builder(batch)
-        return batch
-
-
-class ResumableSampler(Sampler):
-    """A DistributedSampler's epoch order, started after the batches already consumed."""
-
-    def __init__(self, sampler: DistributedSampler, skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        return iter(list(self.sampler)[self.skip:])
-
-    def __len__(self):
-        return max(len(self.sampler) - self.skip, 0)
-
-
-def sample_gathered(engine, batch, objective: ObjectiveConfig, noise) -> tuple:
-    """ZeRO-3: gather the policy's parameters, encode the prefix and sample eagerly."""
-    import deepspeed
-
-    policy = engine.module.policy
-    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(policy.parameters())):
-        return sample_trajectories(policy, batch, objective.num_trajectory_samples,
-                                   steps=objective.flow_steps,
-                                   noise_scale_step=objective.noise_scale_step,
-                                   generator=noise, use_cuda_graph=False)
-
-
-def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
-# --------------------------------------------------------------------------- state
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(engine, out: Path, progress: dict, rank: int) -> None:
-    """DeepSpeed's own save. Each rank's RNG goes into the tag folder first; DeepSpeed
-    writes ``latest`` last, so a checkpoint that ``latest`` names is complete. (The
-    training noise itself is keyed by scene and epoch, see ``srdrl.policy.noise``.)"""
-    tag = f"step{progress['global_step']}"
-    folder = out / CHECKPOINTS / tag
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"rng_rank{rank}.pt.tmp"
-    torch.save(rng_state(), tmp)
-    os.replace(tmp, folder / f"rng_rank{rank}.pt")
-    torch.distributed.barrier()
-    engine.save_checkpoint(str(out / CHECKPOINTS), tag=tag, client_state=progress)
-
-
-def load_checkpoint(engine, out: Path, rank: int) -> dict | None:
-    if not (out / CHECKPOINTS / "latest").is_file():
-        return None
-    tag = (out / CHECKPOINTS / "latest").read_text().strip()
-    path, progress = engine.load_checkpoint(str(out / CHECKPOINTS), tag=tag)
-    if path is None:
-        raise RuntimeError(f"could not load checkpoint {tag} from {out / CHECKPOINTS}")
-    set_rng_state(torch.load(out / CHECKPOINTS / tag / f"rng_rank{rank}.pt", weights_only=False))
-    return progress
-
-
-def export_policy(engine, out: Path, rank: int, zero_stage: int) -> Path:
-    """The trained policy as safetensors (save_pretrained), gathered under ZeRO-3."""
-    import deepspeed
-
-    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
-              if zero_stage == 3 else contextlib.nullcontext())
-    with gather:
-        if rank == 0:
-            policy = engine.module.policy
-            dtype = next(policy.parameters()).dtype
-            policy.float().save_pretrained(out / EXPORT)
-            policy.to(dtype)
-    torch.distributed.barrier()
-    return out / EXPORT
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -288,7 +107,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds_config = resolve_deepspeed_config(cfg, world)
-    zero_stage = ds_config["zero_optimization"].get("stage", 0)
+    zero_stage = zero_stage_of(ds_config)
     if rank == 0:
         print("srdrl-train configuration:")
         for c in (cfg, objective, rewards):
@@ -310,7 +129,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
                    else math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
     policy = build_policy(cfg, [r["reasoning"] for r in dataset.records])
-    module = SRDRLModule(policy)
+    module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=ds_config,
@@ -320,8 +139,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
 
-    gather_to_sample = zero_stage == 3 and objective.rl_loss_weight > 0
-    if rank == 0 and gather_to_sample:
+    if rank == 0 and module.samples_before_forward:
         print("ZeRO-3: parameters are partitioned, so each step gathers them and samples "
               "eagerly before the forward pass (no CUDA graph)")
     elif rank == 0 and device.type == "cuda" and objective.use_cuda_graph:
@@ -363,11 +181,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
             # noise keyed by (seed, epoch, scene): independent of ranks and micro-batches
             noise = SceneNoise([scene_seed(cfg.seed, progress["epoch"], i)
                                 for i in batch["index"]])
-            samples = sample_gathered(engine, batch, objective, noise) if gather_to_sample \
-                else None
-            loss, metrics = engine(batch, objective, rewards, noise, samples)
-            engine.backward(loss)
-            engine.step()
+            _, metrics = train_step(engine, batch, noise)
             progress["micro_in_epoch"] += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import srdrl.objective as objective
 from srdrl.config import ObjectiveConfig, RewardConfig
 from srdrl.data.dataset import JsonlDataset, collate
 from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
@@ -20,12 +19,14 @@ from srdrl.objective import (
 )
 from srdrl.policy.config import PolicyConfig
 from srdrl.policy.model import VLAPolicy
+from srdrl.policy.sampler import sample_trajectories
+from srdrl.rewards import score_candidates
 
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     root = tmp_path_factory.mktemp("objective_data")
-    make_dataset(SyntheticDataConfig(out=str(root), num_scenes=5, width=128, height=96,
+    make_dataset(SyntheticDataConfig(output_dir=str(root), num_scenes=5, width=128, height=96,
                                      label_noise=0.5, seed=2), progress=False)
     ds = JsonlDataset(root / "train.jsonl")
     return collate([ds[i] for i in range(3)])
@@ -63,17 +64,16 @@ def test_info_nce_prefers_matching_rows():
     assert good < bad and torch.isfinite(good)
 
 
-def test_rl_weight_zero_is_the_supervised_loss_to_the_bit(batch, policy_and_heads, monkeypatch):
+def test_rl_weight_zero_is_the_supervised_loss_to_the_bit(batch, policy_and_heads):
     policy, heads = policy_and_heads
     cfg = ObjectiveConfig(rl_loss_weight=0.0, consistency_loss_weight=0.2, traj_loss_weight=0.7)
 
     def no_sampling(*a, **k):
         raise AssertionError("rl_loss_weight = 0 must not sample")
 
-    monkeypatch.setattr(objective, "sample_trajectories", no_sampling)
-    monkeypatch.setattr(objective, "score_candidates", no_sampling)
     total, metrics = srdrl_loss(policy, heads, batch, cfg, RewardConfig(),
-                                generator=torch.Generator().manual_seed(5))
+                                generator=torch.Generator().manual_seed(5),
+                                sample_candidates=no_sampling, scorer=no_sampling)
 
     # the supervised loss written out independently
     g = torch.Generator().manual_seed(5)
@@ -87,25 +87,23 @@ def test_rl_weight_zero_is_the_supervised_loss_to_the_bit(batch, policy_and_head
     assert metrics["awr_loss"] == 0.0 and "reward_mean" not in metrics
 
 
-def test_gradients_reach_the_expert_through_awr_not_through_sampling(
-    batch, policy_and_heads, monkeypatch
-):
+def test_gradients_reach_the_expert_through_awr_not_through_sampling(batch, policy_and_heads):
     policy, heads = policy_and_heads
     seen = {}
-    real = objective.sample_trajectories
+    cfg = ObjectiveConfig(rl_loss_weight=1.0, traj_loss_weight=0.0, consistency_loss_weight=0.0,
+                          num_trajectory_samples=3, flow_steps=2)
 
-    def spy(*args, **kwargs):
+    def spy(batch, generator, prefix):
         seen["grad_enabled"] = torch.is_grad_enabled()
-        actions, trajs = real(*args, **kwargs)
+        actions, trajs = sample_trajectories(policy, batch, 3, steps=2, generator=generator,
+                                             prefix=prefix)
         seen["requires_grad"] = actions.requires_grad or trajs.requires_grad
         return actions, trajs
 
-    monkeypatch.setattr(objective, "sample_trajectories", spy)
-    cfg = ObjectiveConfig(rl_loss_weight=1.0, traj_loss_weight=0.0, consistency_loss_weight=0.0,
-                          num_trajectory_samples=3, flow_steps=2)
     reward_cfg = RewardConfig(scoring_backend="kornia")
     total, metrics = srdrl_loss(policy, heads, batch, cfg, reward_cfg,
-                                generator=torch.Generator().manual_seed(0))
+                                generator=torch.Generator().manual_seed(0),
+                                sample_candidates=spy)
     total.backward()
     assert seen == {"grad_enabled": False, "requires_grad": False}
     # the language loss never touches the expert, so its gradient is the AWR term's
@@ -133,37 +131,34 @@ def test_vlm_receives_the_language_gradient(batch, policy_and_heads):
 
 
 @pytest.mark.parametrize("mode", ["best", "all"])
-def test_awr_modes_and_ties_give_finite_losses(batch, policy_and_heads, monkeypatch, mode):
+def test_awr_modes_and_ties_give_finite_losses(batch, policy_and_heads, mode):
     policy, heads = policy_and_heads
-    real = objective.score_candidates
 
     def tied(*args, **kwargs):  # every candidate gets the same reward
-        terms = real(*args, **kwargs)
+        terms = score_candidates(*args, **kwargs)
         terms.reward = torch.full_like(terms.reward, 0.7)
         return terms
 
-    monkeypatch.setattr(objective, "score_candidates", tied)
     cfg = ObjectiveConfig(awr_mode=mode, normalize_advantage=True, num_trajectory_samples=2,
                           flow_steps=2)
     total, metrics = srdrl_loss(policy, heads, batch, cfg,
-                                RewardConfig(scoring_backend="kornia"))
+                                RewardConfig(scoring_backend="kornia"), scorer=tied)
     assert torch.isfinite(total)
     assert metrics["advantage_std"] == 0.0
     assert metrics["awr_weight_min"] == metrics["awr_weight_max"] == 1.0  # exp(0)
 
 
-def test_gate_scales_the_supervised_loss_when_asked(batch, policy_and_heads, monkeypatch):
+def test_gate_scales_the_supervised_loss_when_asked(batch, policy_and_heads):
     policy, heads = policy_and_heads
     calls = []
-    real = objective.score_candidates
 
     def spy(*args, **kwargs):
         calls.append(args[1].shape)
-        return real(*args, **kwargs)
+        return score_candidates(*args, **kwargs)
 
-    monkeypatch.setattr(objective, "score_candidates", spy)
     cfg = ObjectiveConfig(rl_loss_weight=0.0, gate_supervised_loss=True)
-    total, _ = srdrl_loss(policy, heads, batch, cfg, RewardConfig(scoring_backend="kornia"))
+    total, _ = srdrl_loss(policy, heads, batch, cfg, RewardConfig(scoring_backend="kornia"),
+                          scorer=spy)
     assert torch.isfinite(total) and calls == [torch.Size([3, 1, 64, 3])]  # label only
 
 

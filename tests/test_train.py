@@ -9,18 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from srdrl.config import TrainConfig
+from srdrl.cli import parse_config
+from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig
 from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
-from srdrl.train import parse_args, resolve_deepspeed_config
+from srdrl.engine import resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DS_CONFIG = ROOT / "srdrl" / "ds_config.json"
+DS_CONFIG = ROOT / "ds_config.json"
+
+
+def parse_args(argv):
+    return parse_config((TrainConfig, ObjectiveConfig, RewardConfig), argv, prog="srdrl-train",
+                        description="")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
-    make_dataset(SyntheticDataConfig(out=str(root), num_scenes=14, width=128, height=96,
+    make_dataset(SyntheticDataConfig(output_dir=str(root), num_scenes=14, width=128, height=96,
                                      seed=4, label_noise=0.5), progress=False)
     return root / "train.jsonl"
 
