@@ -93,8 +93,8 @@ def make_data(out: Path, noise: float, scenes: int) -> Path:
 
     root = out / f"data_noise{noise:g}"
     if not (root / "val.jsonl").is_file():
-        make_dataset(SyntheticDataConfig(out=str(root), num_scenes=scenes, label_noise=noise,
-                                         seed=0), progress=False)
+        make_dataset(SyntheticDataConfig(output_dir=str(root), num_scenes=scenes,
+                                         label_noise=noise, seed=0), progress=False)
     return root
 
 
@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     levels = sorted(set(args.noise) | {args.ablation_noise})
     with ThreadPoolExecutor(len(levels)) as pool:  # the generator runs in this process
-        data = dict(zip(levels, pool.map(lambda n: make_data(out, n, args.scenes), levels)))
+        data = dict(zip(levels, pool.map(lambda n: make_data(out, n, args.scenes), levels),
+                        strict=True))
     jobs = []
     for noise in args.noise:
         for arm in args.arms:

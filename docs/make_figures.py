@@ -13,7 +13,7 @@ from srdrl.visualize import COLOURS, draw_trajectories, tile
 
 def main(out: Path = Path(__file__).parent / "synthetic_scenes.png") -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = SyntheticDataConfig(out=tmp, num_scenes=60, label_noise=0.5, seed=1)
+        cfg = SyntheticDataConfig(output_dir=tmp, num_scenes=60, label_noise=0.5, seed=1)
         make_dataset(cfg, progress=False)
         recs = [json.loads(x) for x in (Path(tmp) / "train.jsonl").read_text().splitlines()]
         noisy = [r for r in recs if r["label_noisy"]][:3]

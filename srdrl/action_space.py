@@ -39,12 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-DT = 0.1
-"""Seconds between waypoints (10 Hz)."""
-NUM_STEPS = 64
-"""Future waypoints and action steps (6.4 s)."""
-HISTORY_STEPS = 16
-"""Ego history poses, 10 Hz, the last one the origin."""
+from srdrl.timegrid import DT, NUM_STEPS
 
 ACCEL_MEAN = 0.02902694707164455
 ACCEL_STD = 0.6810426736454882

@@ -200,3 +200,39 @@ def field_docs(cls) -> dict[str, str]:
                 and isinstance(nxt.value.value, str)):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+@dataclass
+class EvalConfig:
+    """What srdrl-eval evaluates, on which scenes, and where its report and pictures go.
+    The trust gate's thresholds and the scoring backend come from RewardConfig."""
+
+    policy: str
+    """Policy directory written by save_pretrained (srdrl-train writes OUTPUT_DIR/policy);
+    local only."""
+    data_path: str
+    """Validation JSONL with the evaluation fields clean_trajectory and hazards."""
+    output_dir: str | None = None
+    """Where eval_report.json, eval_scenes.jsonl and pictures/ go. Empty: POLICY/eval."""
+    train_data_path: str | None = None
+    """Training JSONL for the trust-gate diagnostics. Empty: train.jsonl beside data_path,
+    when it exists; 'none' skips them."""
+    metrics: str | None = None
+    """metrics.jsonl of the training run to plot. Empty: POLICY/../metrics.jsonl, when it
+    exists."""
+    num_samples: int = 4
+    """Trajectories sampled per scene; the first is the prediction, min-ADE takes the best."""
+    batch_size: int = 8
+    """Scenes per batch."""
+    pictures: int = 6
+    """Scenes to draw; 0 draws no pictures."""
+    seed: int = 0
+    """Seed of the sampling noise."""
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.batch_size < 1 or self.pictures < 0:
+            raise ValueError(f"num_samples and batch_size must be >= 1 and pictures >= 0, got "
+                             f"{self.num_samples}, {self.batch_size} and {self.pictures}")
+        for name in ("output_dir", "train_data_path", "metrics"):
+            if getattr(self, name) == "":
+                setattr(self, name, None)

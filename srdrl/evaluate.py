@@ -8,20 +8,21 @@ is the prediction, min-ADE takes the best of the K. It needs the evaluation-only
 The CLI also reports how well the trust gate finds the wrong labels of the training data
 (``srdrl.gate_diagnostics``, no policy needed).
 
-    srdrl-eval --model runs/x/policy --data_path data/val.jsonl
-    srdrl-eval --model runs/x/policy --data_path data/val.jsonl --num_samples 8 \\
-        --out runs/x/eval --pictures 6 --backend kornia
+    srdrl-eval --policy runs/x/policy --data_path data/val.jsonl
+    srdrl-eval --policy runs/x/policy --data_path data/val.jsonl --num_samples 8 \\
+        --output_dir runs/x/eval --pictures 6 --scoring_backend kornia
+    srdrl-eval --config eval.yaml --seed 1        # values from a file, flags override
 
-writes OUT/eval_report.json (default OUT = MODEL/eval), OUT/eval_scenes.jsonl (one row
-per validation scene) and PNGs under OUT/pictures: camera frames with the paths drawn on,
-a bird's-eye view per chosen scene, the label-safety histogram of the gate diagnostics and
-the training curves of MODEL/../metrics.jsonl (the last three need matplotlib, the
-``plot`` extra).
+writes OUTPUT_DIR/eval_report.json (default OUTPUT_DIR = POLICY/eval),
+OUTPUT_DIR/eval_scenes.jsonl (one row per validation scene) and PNGs under
+OUTPUT_DIR/pictures: camera frames with the paths drawn on, a bird's-eye view per chosen
+scene, the label-safety histogram of the gate diagnostics and the training curves of
+POLICY/../metrics.jsonl (the last three need matplotlib, the ``plot`` extra). Every flag,
+the trust gate's thresholds among them, is listed by ``srdrl-eval --help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -32,10 +33,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from srdrl.action_space import DT
-from srdrl.config import RewardConfig
+from srdrl.cli import parse_config
+from srdrl.config import EvalConfig, RewardConfig
 from srdrl.data.dataset import DataError, JsonlDataset, collate
-from srdrl.data.scenes import VEHICLE_HALF_WIDTH, footprint_crosses
+from srdrl.footprint import VEHICLE_HALF_WIDTH, footprint_crosses
 from srdrl.gate_diagnostics import (  # noqa: F401 (re-exported: the CLI reports them)
     LabelScores,
     auroc,
@@ -49,6 +50,7 @@ from srdrl.gate_diagnostics import (  # noqa: F401 (re-exported: the CLI reports
 from srdrl.policy import VLAPolicy, sample_trajectories
 from srdrl.policy.model import CONFIG_FILE
 from srdrl.rewards import motion_alignment, parse_intent
+from srdrl.timegrid import DT
 
 REPORT_FILE = "eval_report.json"
 SCENES_FILE = "eval_scenes.jsonl"
@@ -262,79 +264,49 @@ def draw_pictures(dataset: JsonlDataset, scenes: list[dict], out: Path, count: i
 # --------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="srdrl-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True,
-                   help="policy directory written by save_pretrained (srdrl-train writes "
-                        "OUTPUT_DIR/policy); local only")
-    p.add_argument("--data_path", required=True, help="validation JSONL with clean_trajectory "
-                   "and hazards")
-    p.add_argument("--num_samples", type=int, default=4,
-                   help="trajectories sampled per scene (default 4)")
-    p.add_argument("--out", default=None, help="output directory (default: MODEL/eval)")
-    p.add_argument("--train_data_path", default=None,
-                   help="training JSONL for the trust-gate diagnostics (default: train.jsonl "
-                        "beside --data_path, if present; 'none' skips them)")
-    p.add_argument("--metrics", default=None,
-                   help="metrics.jsonl to plot (default: MODEL/../metrics.jsonl, if present)")
-    p.add_argument("--pictures", type=int, default=6,
-                   help="scenes to draw (default 6; 0: no pictures)")
-    p.add_argument("--batch_size", type=int, default=8, help="scenes per batch (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
-    p.add_argument("--backend", default="auto", choices=("auto", "kornia", "reference",
-                                                          "triton"),
-                   help="path-safety backend of the gate diagnostics (default auto: Triton on "
-                        "CUDA, Kornia elsewhere)")
-    p.add_argument("--danger_threshold", type=float, default=RewardConfig.danger_threshold,
-                   help="trust gate: danger confidence at or above which it may fire "
-                        f"(default {RewardConfig.danger_threshold})")
-    p.add_argument("--unsafe_threshold", type=float, default=RewardConfig.unsafe_threshold,
-                   help="trust gate: label safety below which the label counts as unsafe "
-                        f"(default {RewardConfig.unsafe_threshold})")
-    args = p.parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1 or args.pictures < 0:
-        p.error("--num_samples and --batch_size must be >= 1 and --pictures >= 0")
-    return args
+def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, RewardConfig]:
+    """(EvalConfig, RewardConfig) from a --config file and the command line."""
+    return parse_config((EvalConfig, RewardConfig), argv, prog="srdrl-eval",
+                        description=__doc__.split("\n\n")[0])
 
 
-def resolve_paths(args: argparse.Namespace) -> dict[str, Path | None]:
+def resolve_paths(cfg: EvalConfig) -> dict[str, Path | None]:
     """Every input and output path, checked before anything slow runs."""
-    model = Path(args.model)
+    model = Path(cfg.policy)
     if not model.is_dir():
-        raise FileNotFoundError(f"--model {model}: no such directory")
+        raise FileNotFoundError(f"--policy {model}: no such directory")
     if not (model / CONFIG_FILE).is_file():
         hint = (f"; the trained policy is in {model / 'policy'}"
                 if (model / "policy" / CONFIG_FILE).is_file() else "")
-        raise FileNotFoundError(f"--model {model} is not a policy checkpoint (no {CONFIG_FILE})"
-                                f"{hint}")
-    data = Path(args.data_path)
+        raise FileNotFoundError(f"--policy {model} is not a policy checkpoint (no "
+                                f"{CONFIG_FILE}){hint}")
+    data = Path(cfg.data_path)
     if not data.is_file():
         raise FileNotFoundError(f"--data_path {data}: no such file")
-    if args.train_data_path is None:
+    if cfg.train_data_path is None:
         train = data.with_name("train.jsonl")
         train = train if train.is_file() and train.resolve() != data.resolve() else None
-    elif args.train_data_path.lower() == "none":
+    elif cfg.train_data_path.lower() == "none":
         train = None
     else:
-        train = Path(args.train_data_path)
+        train = Path(cfg.train_data_path)
         if not train.is_file():
             raise FileNotFoundError(f"--train_data_path {train}: no such file")
-    if args.metrics is None:
+    if cfg.metrics is None:
         metrics = model.resolve().parent / "metrics.jsonl"
         metrics = metrics if metrics.is_file() else None
     else:
-        metrics = Path(args.metrics)
+        metrics = Path(cfg.metrics)
         if not metrics.is_file():
             raise FileNotFoundError(f"--metrics {metrics}: no such file")
-    out = Path(args.out) if args.out else model / "eval"
+    out = Path(cfg.output_dir) if cfg.output_dir else model / "eval"
     return {"model": model, "data": data, "train": train, "metrics": metrics, "out": out}
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Evaluate, diagnose the gate, draw; write OUT/eval_report.json. Returns the report."""
-    paths = resolve_paths(args)
-    rewards = RewardConfig(scoring_backend=args.backend, danger_threshold=args.danger_threshold,
-                           unsafe_threshold=args.unsafe_threshold)
+def run(cfg: EvalConfig, rewards: RewardConfig) -> dict:
+    """Evaluate, diagnose the gate, draw; write OUTPUT_DIR/eval_report.json. Returns the
+    report."""
+    paths = resolve_paths(cfg)
     val = JsonlDataset(paths["data"])
     train = JsonlDataset(paths["train"]) if paths["train"] is not None else None
     device = "cuda" if torch.cuda.is_available() else None
@@ -342,26 +314,26 @@ def run(args: argparse.Namespace) -> dict:
     out = paths["out"]
     out.mkdir(parents=True, exist_ok=True)
 
-    evaluation, scenes = evaluate_scenes(policy, val, args.num_samples, args.batch_size,
-                                         args.seed, rewards, progress=True)
+    evaluation, scenes = evaluate_scenes(policy, val, cfg.num_samples, cfg.batch_size,
+                                         cfg.seed, rewards, progress=True)
     with open(out / SCENES_FILE, "w") as f:
         for s in scenes:
             f.write(json.dumps({k: v for k, v in s.items() if k != "predictions"}) + "\n")
     gate_scores = gate = None
     if train is not None:
-        gate_scores = score_labels(train, rewards, args.batch_size, progress=True)
+        gate_scores = score_labels(train, rewards, cfg.batch_size, progress=True)
         gate = gate_statistics(gate_scores, rewards)
     pictures = []
-    if args.pictures > 0:
-        pictures = draw_pictures(val, scenes, out / "pictures", args.pictures,
+    if cfg.pictures > 0:
+        pictures = draw_pictures(val, scenes, out / "pictures", cfg.pictures,
                                  paths["metrics"], gate_scores, gate)
     report = {
         "model": str(paths["model"]),
         "data_path": str(paths["data"]),
         "train_data_path": None if paths["train"] is None else str(paths["train"]),
         "metrics_path": None if paths["metrics"] is None else str(paths["metrics"]),
-        "seed": args.seed,
-        "backend": args.backend,
+        "seed": cfg.seed,
+        "backend": rewards.scoring_backend,
         "evaluation": evaluation,
         "gate_diagnostics": gate,
         "pictures": [str(p.relative_to(out)) for p in pictures],
@@ -376,9 +348,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    cfg, rewards = parse_args(argv)
     try:
-        run(args)
+        run(cfg, rewards)
     except (FileNotFoundError, DataError) as e:  # bad inputs: say which, no traceback
         raise SystemExit(f"srdrl-eval: error: {e}") from None
 

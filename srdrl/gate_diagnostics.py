@@ -11,6 +11,7 @@ a tuned setting).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from srdrl.config import RewardConfig
 from srdrl.data.dataset import DataError, JsonlDataset, collate
-from srdrl.rewards import score_candidates
+from srdrl.rewards import RewardTerms, score_candidates
 
 
 def mean_or_none(x: np.ndarray) -> float | None:
@@ -45,9 +46,12 @@ class LabelScores:
 @torch.no_grad()
 def score_labels(
     dataset: JsonlDataset, reward_cfg: RewardConfig | None = None, batch_size: int = 16,
-    progress: bool = False,
+    progress: bool = False, scorer: Callable[..., RewardTerms] = score_candidates,
 ) -> LabelScores:
-    """Score every label alone (candidates = label[:, None]) as the trainer scores GT."""
+    """Score every label alone (candidates = label[:, None]) as the trainer scores GT.
+
+    ``scorer`` has the signature of :func:`srdrl.rewards.score_candidates` (the default);
+    tests pass one with known safety values."""
     cfg = reward_cfg or RewardConfig()
     missing = [r["sample_id"] for r in dataset.records if "label_noisy" not in r["eval"]]
     if missing:
@@ -60,7 +64,7 @@ def score_labels(
         t = {k: batch[k].to(device) for k in ("images", "trajectory", "ego_history_xyz", "K",
                                                "T_cam_from_ego")}
         label = t["trajectory"]  # (B, T, 3)
-        terms = score_candidates(t["images"][:, -1], label[:, None], label,
+        terms = scorer(t["images"][:, -1], label[:, None], label,
                                  t["ego_history_xyz"], t["K"], t["T_cam_from_ego"],
                                  batch["reasoning_text"], cfg)
         out["safety"] += terms.safety[:, 0].tolist()
@@ -151,10 +155,11 @@ def gate_statistics(scores: LabelScores, reward_cfg: RewardConfig | None = None)
 
 def gate_diagnostics(
     dataset: JsonlDataset, reward_cfg: RewardConfig | None = None, batch_size: int = 16,
-    progress: bool = False,
+    progress: bool = False, scorer: Callable[..., RewardTerms] = score_candidates,
 ) -> dict:
     """Score each training label alone and compare the trust gate with ``label_noisy``."""
-    return gate_statistics(score_labels(dataset, reward_cfg, batch_size, progress), reward_cfg)
+    return gate_statistics(score_labels(dataset, reward_cfg, batch_size, progress, scorer),
+                           reward_cfg)
 
 
 def print_gate_summary(gate: dict) -> None:

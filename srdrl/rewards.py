@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from srdrl.action_space import DT, estimate_v0
+from srdrl.action_space import estimate_v0
 from srdrl.config import RewardConfig
 from srdrl.kernels import path_safety
+from srdrl.timegrid import DT
 
 DANGER_WORDS = (
     "mud", "rock", "rocks", "stone", "stones", "obstacle", "danger", "unsafe", "rough",

@@ -14,8 +14,6 @@ import torch
 
 from srdrl import action_space as A
 from srdrl.action_space import (
-    DT,
-    NUM_STEPS,
     ActionSpace,
     action_in_bounds,
     action_to_traj,
@@ -24,6 +22,7 @@ from srdrl.action_space import (
     normalize_action,
     traj_to_action,
 )
+from srdrl.timegrid import DT, NUM_STEPS
 
 F64 = torch.float64
 T_FUTURE = torch.arange(1, NUM_STEPS + 1, dtype=F64) * DT  # (64,) s

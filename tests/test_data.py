@@ -12,18 +12,17 @@ from srdrl.camera import default_camera, project_points
 from srdrl.data.dataset import DataError, JsonlDataset, collate, read_jsonl
 from srdrl.data.render import TERRAIN, render_frame
 from srdrl.data.scenes import (
-    VEHICLE_HALF_WIDTH,
     Hazard,
     centreline_history,
     constant_speed_trajectory,
-    footprint_crosses,
     sample_scene,
 )
 from srdrl.data.synthetic import SyntheticDataConfig, main, make_dataset
+from srdrl.footprint import VEHICLE_HALF_WIDTH, footprint_crosses
 
 
 def _make(tmp_path, name="d", **kw):
-    cfg = SyntheticDataConfig(out=str(tmp_path / name), **{"num_scenes": 8, "width": 64,
+    cfg = SyntheticDataConfig(output_dir=str(tmp_path / name), **{"num_scenes": 8, "width": 64,
                                                              "height": 48, **kw})
     make_dataset(cfg, progress=False)
     return tmp_path / name
@@ -207,7 +206,8 @@ def test_missing_file_and_empty_file(tmp_path):
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--label_noise", "1.5"])
+        main(["--output_dir", str(tmp_path), "--label_noise", "1.5"])
     assert "label_noise" in capsys.readouterr().err
-    main(["--out", str(tmp_path / "ok"), "--num_scenes", "3", "--width", "32", "--height", "24"])
+    main(["--output_dir", str(tmp_path / "ok"), "--num_scenes", "3", "--width", "32",
+          "--height", "24"])
     assert (tmp_path / "ok" / "train.jsonl").is_file()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from srdrl import evaluate, visualize
-from srdrl import gate_diagnostics as gate_diagnostics_module
 from srdrl.config import RewardConfig
 from srdrl.data.dataset import JsonlDataset
 from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
@@ -37,7 +36,7 @@ def run_dir(tmp_path_factory):
     """A training run's layout: RUN/data/{train,val}.jsonl, RUN/policy, RUN/metrics.jsonl.
     Seed 0 gives noisy and clean labels in both splits."""
     run = tmp_path_factory.mktemp("run")
-    make_dataset(SyntheticDataConfig(out=str(run / "data"), num_scenes=10, width=128,
+    make_dataset(SyntheticDataConfig(output_dir=str(run / "data"), num_scenes=10, width=128,
                                      height=96, label_noise=0.5, seed=0, val_fraction=0.3),
                  progress=False)
     texts = [r["reasoning"] for r in JsonlDataset(run / "data" / "train.jsonl").records]
@@ -52,8 +51,8 @@ def run_dir(tmp_path_factory):
 
 
 def _args(run, *extra):
-    return ["--model", str(run / "policy"), "--data_path", str(run / "data" / "val.jsonl"),
-            "--num_samples", "2", "--batch_size", "4", "--backend", "kornia", *extra]
+    return ["--policy", str(run / "policy"), "--data_path", str(run / "data" / "val.jsonl"),
+            "--num_samples", "2", "--batch_size", "4", "--scoring_backend", "kornia", *extra]
 
 
 def _in_unit(x):
@@ -62,13 +61,13 @@ def _in_unit(x):
 
 def test_cli_end_to_end(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    main(_args(run_dir, "--out", str(out), "--pictures", "2"))
+    main(_args(run_dir, "--output_dir", str(out), "--pictures", "2"))
     printed = capsys.readouterr().out
     assert "hazard crossing rate" in printed and "trust gate on 7 training labels" in printed
 
     report = json.loads((out / "eval_report.json").read_text())
     assert report["train_data_path"].endswith("train.jsonl")  # found beside --data_path
-    assert report["metrics_path"].endswith("metrics.jsonl")  # found beside --model
+    assert report["metrics_path"].endswith("metrics.jsonl")  # found beside --policy
     ev = report["evaluation"]
     assert OLD_REPORT_KEYS <= ev.keys()
     assert ev["scenes"] == 3 and ev["num_samples"] == 2 and ev["vehicle_half_width_m"] == 0.9
@@ -104,7 +103,8 @@ def test_cli_end_to_end(run_dir, tmp_path, capsys):
 
 
 def test_defaults_and_no_pictures(run_dir):
-    """Default OUT is MODEL/eval; 'none' skips the gate; --pictures 0 draws nothing."""
+    """Default OUTPUT_DIR is POLICY/eval; 'none' skips the gate; --pictures 0 draws
+    nothing."""
     main(_args(run_dir, "--pictures", "0", "--train_data_path", "none"))
     report = json.loads((run_dir / "policy" / "eval" / "eval_report.json").read_text())
     assert report["gate_diagnostics"] is None and report["pictures"] == []
@@ -157,7 +157,7 @@ def test_gate_statistics_known_answer():
     _check_known_gate(gate_statistics(scores, cfg))
 
 
-def test_gate_diagnostics_on_hand_made_data(run_dir, tmp_path, monkeypatch):
+def test_gate_diagnostics_on_hand_made_data(run_dir, tmp_path):
     """Real data plumbing (batches, label_noisy, gate rule) with the path safety replaced
     by known values keyed by the reasoning text."""
     base = json.loads((run_dir / "data" / "train.jsonl").read_text().splitlines()[0])
@@ -178,8 +178,8 @@ def test_gate_diagnostics_on_hand_made_data(run_dir, tmp_path, monkeypatch):
         return RewardTerms(ones, safety, ones, ones, weight, danger, fired,
                            torch.ones(*safety.shape, 64, dtype=torch.bool))
 
-    monkeypatch.setattr(gate_diagnostics_module, "score_candidates", fake_scores)
-    _check_known_gate(gate_diagnostics(JsonlDataset(path), RewardConfig(), batch_size=3))
+    _check_known_gate(gate_diagnostics(JsonlDataset(path), RewardConfig(), batch_size=3,
+                                       scorer=fake_scores))
 
 
 def test_auroc_matches_pair_count():

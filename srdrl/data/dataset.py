@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from srdrl.action_space import DT
-from srdrl.action_space import HISTORY_STEPS as NUM_HISTORY
-from srdrl.action_space import NUM_STEPS as NUM_FUTURE
 from srdrl.camera import default_camera
+from srdrl.timegrid import DT
+from srdrl.timegrid import HISTORY_STEPS as NUM_HISTORY
+from srdrl.timegrid import NUM_STEPS as NUM_FUTURE
 
 EVAL_FIELDS = ("clean_trajectory", "label_noisy", "hazards", "intent")
 

@@ -1,9 +1,13 @@
 """``srdrl-make-data``: synthetic off-road driving scenes with noisy labels.
 
-Writes ``OUT/train.jsonl``, ``OUT/val.jsonl`` and PNG frames under ``OUT/frames/``. Scene i
-is drawn from its own generator seeded with (seed, i), and the decision to corrupt its
-label from another seeded with (seed, i, 1): the same seed gives the same scenes at every
-noise level, so runs at 0%, 10% and 30% noise differ only in their labels.
+    srdrl-make-data --output_dir data --num_scenes 1000 --label_noise 0.3 --seed 0
+    srdrl-make-data --config data.yaml --label_noise 0.1     # flags override the file
+
+writes ``OUTPUT_DIR/train.jsonl``, ``OUTPUT_DIR/val.jsonl`` and PNG frames under
+``OUTPUT_DIR/frames/``. Scene i is drawn from its own generator seeded with (seed, i), and
+the decision to corrupt its label from another seeded with (seed, i, 1): the same seed
+gives the same scenes at every noise level, so runs at 0%, 10% and 30% noise differ only
+in their labels.
 
 Label noise: with probability ``label_noise`` a scene that has a hazard in the way gets
 the straight-through trajectory as its label; its reasoning stays correct. The
@@ -13,7 +17,6 @@ happened.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -24,20 +27,31 @@ from PIL import Image
 from tqdm import tqdm
 
 from srdrl.camera import default_camera
+from srdrl.cli import parse_config
 from srdrl.data.render import render_frames
 from srdrl.data.scenes import sample_scene
 
 
 @dataclass
 class SyntheticDataConfig:
-    out: str
+    """How many scenes srdrl-make-data draws, how noisy their labels are, where they go."""
+
+    output_dir: str
+    """Directory for train.jsonl, val.jsonl and frames/."""
     num_scenes: int = 1000
+    """Scenes in train + val."""
     label_noise: float = 0.3
+    """Probability that a scene with a hazard in the way gets the straight-through label."""
     seed: int = 0
+    """Seed of the scenes; the same seed gives the same scenes at every label_noise."""
     width: int = 640
+    """Image width, pixels."""
     height: int = 384
+    """Image height, pixels."""
     frames: int = 1
+    """Camera frames per scene (10 Hz, the last at t0)."""
     val_fraction: float = 0.1
+    """Fraction of the scenes that go to val.jsonl (at least one)."""
 
     def __post_init__(self):
         if self.num_scenes < 2:
@@ -90,7 +104,7 @@ def make_scene_record(cfg: SyntheticDataConfig, index: int, split: str, root: Pa
 
 def make_dataset(cfg: SyntheticDataConfig, progress: bool = True) -> dict[str, Path]:
     """Write the dataset; returns the paths of ``train`` and ``val`` JSONL files."""
-    root = Path(cfg.out)
+    root = Path(cfg.output_dir)
     (root / "frames").mkdir(parents=True, exist_ok=True)
     num_val = max(1, round(cfg.val_fraction * cfg.num_scenes))
     splits = {"train": range(cfg.num_scenes - num_val), "val": range(cfg.num_scenes - num_val,
@@ -111,22 +125,8 @@ def make_dataset(cfg: SyntheticDataConfig, progress: bool = True) -> dict[str, P
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="srdrl-make-data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num_scenes", type=int, default=1000, help="scenes in train + val")
-    p.add_argument("--label_noise", type=float, default=0.3,
-                   help="probability that a scene with a hazard in the way gets the "
-                        "straight-through label")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=640)
-    p.add_argument("--height", type=int, default=384)
-    p.add_argument("--frames", type=int, default=1, help="camera frames per scene (10 Hz)")
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    args = p.parse_args(argv)
-    try:
-        cfg = SyntheticDataConfig(**vars(args))
-    except ValueError as e:
-        p.error(str(e))
+    (cfg,) = parse_config((SyntheticDataConfig,), argv, prog="srdrl-make-data",
+                          description=__doc__.split("\n\n")[0])
     paths = make_dataset(cfg)
     for split, path in paths.items():
         print(f"{split}: {path}")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from transformers import Qwen3VLConfig
 
-from srdrl.action_space import NUM_STEPS
 from srdrl.policy.tokenizer import (
     IMAGE_PAD,
     MIN_VOCAB_SIZE,
@@ -23,6 +22,7 @@ from srdrl.policy.tokenizer import (
     VISION_END,
     VISION_START,
 )
+from srdrl.timegrid import NUM_STEPS
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 
-from srdrl.action_space import DT, estimate_v0
+from srdrl.action_space import estimate_v0
 from srdrl.policy.config import PolicyConfig
 from srdrl.policy.tokenizer import (
     IM_END,
@@ -37,6 +37,7 @@ from srdrl.policy.tokenizer import (
     VISION_END,
     VISION_START,
 )
+from srdrl.timegrid import DT
 
 SYSTEM_PROMPT = (
     "You drive an off-road vehicle. Look at the camera frames, name the hazards on the "
