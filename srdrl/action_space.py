@@ -28,6 +28,9 @@ what the positions cannot: the curvature while the vehicle stands still (v = 0 d
 move the path) and the last steps' controls, which barely reach p_64. The ridge is centred
 on physical zero, so straight constant-speed driving inverts to exactly a = kappa = 0. The
 start is a finite-difference estimate of speed and heading from the target.
+
+At about 450 lines this module is longer than most: the rollout, its Jacobian and the
+inverse that solves through them are one model and are kept together.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Pinhole camera: ego-frame points to pixels and back.
 
-Frames (DESIGN.md): ego x forward, y left, z up (metres); camera in the OpenCV convention,
-x right, y down, z forward; pixel centres at integer coordinates. Every scene carries its
-intrinsics ``K`` (3x3) and the rigid transform ``T_cam_from_ego`` (4x4). This module is the
-one implementation of the projection used by the renderer, the scoring kernels, the
-rewards and the pictures. It works on torch tensors of any float dtype and any leading
-batch shape; NumPy callers wrap with ``torch.as_tensor``.
+Frames (docs/DESIGN.md, "Frames and shapes"): ego x forward, y left, z up (metres); camera
+in the OpenCV convention, x right, y down, z forward; pixel centres at integer coordinates.
+Every scene carries its intrinsics ``K`` (3x3) and the rigid transform ``T_cam_from_ego``
+(4x4). This module is the one implementation of the projection used by the renderer, the
+scoring kernels, the rewards and the pictures. It works on torch tensors of any float dtype
+and any leading batch shape; NumPy callers wrap with ``torch.as_tensor``.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def project_points(
 
 
 def visible(uv: torch.Tensor, z: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """DESIGN.md visibility: ``z > 0.1`` and ``0 <= u < W`` and ``0 <= v < H``."""
+    """Visibility (docs/DESIGN.md, "Path safety"): ``z > 0.1`` and ``0 <= u < W`` and
+    ``0 <= v < H``."""
     u, v = uv[..., 0], uv[..., 1]
     return (z > MIN_DEPTH) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
 

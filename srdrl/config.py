@@ -1,4 +1,5 @@
-"""Configuration dataclasses. Flag names keep the original trainer's (DESIGN.md, "Flags")."""
+"""Configuration dataclasses. Flag names keep the original trainer's (docs/DESIGN.md,
+"Configuration and flags")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """SRD-RL rewards: visual safety, label similarity, danger, reasoning alignment, trust gate.
 
 Candidates per scene are scored together, ``(B, C, T, 3)`` in the ego frame with index 0
-the labelled trajectory (DESIGN.md, "Rewards and the trust gate"):
+the labelled trajectory (docs/DESIGN.md, "Rewards and the trust gate"):
 
 - safety: ``srdrl.kernels.path_safety`` over every candidate in one call;
 - gt_sim = exp(-ADE(candidate, label) / 2);

@@ -19,7 +19,9 @@ Launch:
     deepspeed --hostfile hosts --module srdrl.train ...     # several machines
 
 With no --data_path the synthetic off-road data is generated in output_dir/data. Every
-flag is listed by ``srdrl-train --help``.
+flag is listed by ``srdrl-train --help``; ``--config run.yaml`` reads them from a file.
+The step itself lives in ``srdrl.engine``, checkpoints in ``srdrl.checkpoint``
+(docs/DESIGN.md, "One training step").
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def test_normalisation_and_bounds():
 
 
 def test_forward_matches_explicit_step_loop():
-    """The cumsum form against the recurrences of DESIGN.md written one step at a time."""
+    """The cumsum form against the recurrences of docs/DESIGN.md written one step at a time."""
     g = torch.Generator().manual_seed(2)
     action, v0 = smooth_actions(g, 3), 3 + 5 * torch.rand(3, generator=g, dtype=F64)
     a, k = denormalize_action(action).unbind(-1)

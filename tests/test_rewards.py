@@ -1,4 +1,4 @@
-"""Rewards and the trust gate: each rule of DESIGN.md has a test here."""
+"""Rewards and the trust gate: each rule of docs/DESIGN.md has a test here."""
 
 import math
 

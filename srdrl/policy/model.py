@@ -7,7 +7,7 @@ Submodules, named as in the Alpamayo-R1 release: ``vlm`` (a
 of t, an MLP, plus a learned per-waypoint embedding), ``action_out_proj`` (linear to 2 per
 waypoint) and ``action_space`` (unicycle; parameter-free).
 
-Flow matching (DESIGN.md): noise x0 ~ N(0, I), t ~ U(0, 1) with t = 1 data,
+Flow matching (docs/DESIGN.md, "Flow matching"): noise x0 ~ N(0, I), t ~ U(0, 1) with t = 1 data,
 x_t = (1 - t) x0 + t x1, target velocity x1 - x0, MSE per sample.
 
 Precision: the policy may be cast to bf16 (``.to(torch.bfloat16)``) or run under autocast.

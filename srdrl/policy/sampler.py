@@ -48,7 +48,8 @@ def initial_noise(
     device,
 ) -> torch.Tensor:
     """x0 (B, N, T, 2) float32: standard normal scaled by 1 + noise_scale_step * i for
-    candidate i (DESIGN.md: more spread for the later candidates of a scene)."""
+    candidate i: more spread for the later candidates of a scene (docs/DESIGN.md,
+    "Sampling and CUDA graphs")."""
     eps = draw(torch.randn, (num_scenes, num_samples, num_waypoints, 2), generator, device)
     scale = 1.0 + noise_scale_step * torch.arange(num_samples, device=device, dtype=torch.float32)
     return eps * scale.view(1, -1, 1, 1)
