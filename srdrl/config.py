@@ -148,6 +148,10 @@ class TrainConfig:
     """Seed of the model's initialisation, the data order and every rank's noise."""
     logging_steps: int = 10
     """Optimiser steps between metrics lines."""
+    max_skipped_steps: int = 3
+    """Stop the run when this many optimiser steps in a row were skipped by DeepSpeed for
+    non-finite gradients (a non-finite loss, or a non-finite gradient at ZeRO-0, stops it
+    at once)."""
     save_steps: int = 0
     """Optimiser steps between checkpoints; 0 saves only at the end."""
     resume: bool = False
@@ -181,6 +185,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.dataloader_workers < 0:
             raise ValueError(f"dataloader_workers must be >= 0, got {self.dataloader_workers}")
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
         if self.logging_steps < 1 or self.save_steps < 0 or self.warmup_steps < 0:
             raise ValueError("logging_steps must be >= 1, save_steps and warmup_steps >= 0")
         if self.data_path is not None and not self.data_path:

@@ -6,11 +6,15 @@ objective calls (``sampler``, ``scorer``), which tests and benchmarks replace th
 constructor. ``train_step`` is the one optimiser micro-step used by the loop
 (``srdrl.train``) and by ``benchmarks/bench_train_step.py``.
 
-Sampling at every ZeRO stage happens in ``SRDRLModule.sample_candidates``: at stages 0-2
-the parameters are whole, so the objective samples inside the forward pass from the
-step's own prefix (replayed from a CUDA graph on GPU); at stage 3 they are partitioned,
-so the step first gathers them and samples eagerly (docs/DESIGN.md, "Sampling and CUDA
-graphs").
+Sampling at every ZeRO stage happens in ``SRDRLModule.sample_candidates``, inside the
+forward pass, after the supervised terms and from the step's own prefix (so a seed draws
+the same noise in the same order at every stage, and the prefix is encoded once): at
+stages 0-2 the parameters are whole and the Euler loop is replayed from a CUDA graph on
+GPU; at stage 3 they are partitioned and the loop runs eagerly, ZeRO-3's hooks gathering
+each parameter as the expert uses it (docs/DESIGN.md, "Sampling and CUDA graphs").
+
+``DivergenceGuard`` stops a run whose loss or gradients stop being finite
+(docs/DESIGN.md, "The DeepSpeed engine").
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig
+from srdrl.errors import ConfigError, UserError
 from srdrl.objective import ConsistencyHeads, srdrl_loss
 from srdrl.policy import VLAPolicy, sample_trajectories
 from srdrl.rewards import score_candidates
@@ -38,33 +43,77 @@ inside the package), used when --deepspeed_config is not given."""
 # --------------------------------------------------------------------------- configuration
 
 
-def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """Read the JSON config and fill in what the flags decide."""
-    path = Path(cfg.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG)
+def read_deepspeed_config(path: Path) -> dict:
+    """The JSON object in ``path``; ConfigError naming the file (and line) otherwise."""
     if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config not found: {path} (--deepspeed_config)")
-    ds = json.loads(path.read_text())
+        raise ConfigError(f"DeepSpeed config not found: {path} (--deepspeed_config)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON in the DeepSpeed config "
+                          f"({e.msg} at column {e.colno})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config is a JSON object, got a "
+                          f"{type(ds).__name__}")
+    return ds
+
+
+def _agree(path: Path, key: str, in_file, flag: str, value) -> None:
+    """A value set both in the user's file and by a flag must be the same."""
+    if in_file not in (None, "auto") and in_file != value:
+        raise ConfigError(f"{path}: {key} = {in_file!r} conflicts with {flag} = {value!r}; "
+                          f"remove it from the file or make them agree")
+
+
+def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """Read the JSON config and fill in what the flags decide.
+
+    The built-in file's values are defaults that the flags replace. In a file of the user's
+    (--deepspeed_config), a batch size, accumulation, learning rate or ZeRO stage that
+    disagrees with a flag is an error naming both, and a ``scheduler`` block is refused
+    (srdrl's schedule is --warmup_steps then cosine, saved with the engine).
+    """
+    builtin = cfg.deepspeed_config is None
+    path = Path(cfg.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG)
+    ds = read_deepspeed_config(path)
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
     if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
-        raise ValueError(
+        raise ConfigError(
             f"{path}: train_batch_size {ds['train_batch_size']} is not per_device_train_batch_"
             f"size ({cfg.per_device_train_batch_size}) x gradient_accumulation_steps "
             f"({cfg.gradient_accumulation_steps}) x world size ({world_size}) = "
             f"{global_batch}; remove it from the config (the flags decide) or make them agree")
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict) or not isinstance(ds.get("optimizer", {}), dict):
+        raise ConfigError(f"{path}: zero_optimization and optimizer must be JSON objects")
+    if not builtin:
+        _agree(path, "train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu"),
+               "--per_device_train_batch_size", cfg.per_device_train_batch_size)
+        _agree(path, "gradient_accumulation_steps", ds.get("gradient_accumulation_steps"),
+               "--gradient_accumulation_steps", cfg.gradient_accumulation_steps)
+        _agree(path, "optimizer.params.lr",
+               ds.get("optimizer", {}).get("params", {}).get("lr"),
+               "--learning_rate", cfg.learning_rate)
+        if cfg.zero_stage is not None:
+            _agree(path, "zero_optimization.stage", zero.get("stage"), "--zero_stage",
+                   cfg.zero_stage)
+        if "scheduler" in ds:
+            raise ConfigError(
+                f"{path}: a 'scheduler' block is not used: srdrl's schedule is linear warm-up "
+                f"(--warmup_steps) then cosine to 10% (--learning_rate is the peak); remove it")
+    ds.pop("scheduler", None)
     ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
     ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     ds["train_batch_size"] = global_batch
-    zero = ds.setdefault("zero_optimization", {})
     if cfg.zero_stage is not None:
         zero["stage"] = cfg.zero_stage
     if zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise ValueError(f"{path}: unknown ZeRO stage {zero.get('stage')!r}; use 0, 1, 2 or 3")
+        raise ConfigError(f"{path}: unknown ZeRO stage {zero.get('stage')!r}; use 0, 1, 2 or 3")
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
     ds["optimizer"].setdefault("params", {})["lr"] = cfg.learning_rate
     for key in ("bf16", "fp16"):
         if ds.get(key, {}).get("enabled") == "auto":
             ds[key]["enabled"] = torch.cuda.is_available() and key == "bf16"
-    ds.pop("scheduler", None)  # the schedule is ours (warm-up + cosine), saved with the engine
     return ds
 
 
@@ -120,46 +169,92 @@ class SRDRLModule(nn.Module):
         self.zero_stage = zero_stage
         self.sampler, self.scorer = sampler, scorer
 
-    @property
-    def samples_before_forward(self) -> bool:
-        """ZeRO-3 with an RL term: candidates are drawn before the forward pass, with the
-        partitioned parameters gathered (no CUDA graph)."""
-        return self.zero_stage == 3 and self.objective.rl_loss_weight > 0
-
     @torch.no_grad()
-    def sample_candidates(self, batch: dict, generator, prefix=None) -> tuple:
+    def sample_candidates(self, batch: dict, generator, prefix) -> tuple:
         """Actions (B, N, 64, 2) and trajectories (B, N, 64, 3) of N policy samples per
-        scene, wherever this ZeRO stage keeps the parameters."""
+        scene from this step's ``prefix``. At ZeRO-3 the loop runs eagerly and ZeRO-3's
+        own module hooks gather each partitioned parameter as the expert uses it (an
+        explicit ``GatheredParameters`` cannot be released inside the engine's forward
+        pass while the module is still active)."""
         o = self.objective
-        if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.policy.parameters())):
-                return self.sampler(self.policy, batch, o.num_trajectory_samples,
-                                    steps=o.flow_steps, noise_scale_step=o.noise_scale_step,
-                                    generator=generator, use_cuda_graph=False)
         return self.sampler(self.policy, batch, o.num_trajectory_samples, steps=o.flow_steps,
                             noise_scale_step=o.noise_scale_step, generator=generator,
-                            use_cuda_graph=o.use_cuda_graph, prefix=prefix)
+                            use_cuda_graph=o.use_cuda_graph and self.zero_stage < 3,
+                            prefix=prefix)
 
-    def forward(self, batch: dict, generator, samples=None, timer=NULL_TIMER):
+    def forward(self, batch: dict, generator, timer=NULL_TIMER):
         return srdrl_loss(self.policy, self.heads, batch, self.objective, self.rewards,
-                          generator, samples=samples, timer=timer,
-                          sample_candidates=self.sample_candidates, scorer=self.scorer)
+                          generator, timer=timer, sample_candidates=self.sample_candidates,
+                          scorer=self.scorer)
 
 
-def train_step(engine, batch: dict, generator, timer=NULL_TIMER) -> tuple[torch.Tensor, dict]:
-    """One micro-step: (ZeRO-3: gathered sampling), forward, backward, optimiser step
-    (DeepSpeed applies it at the end of an accumulation window). Returns the loss and the
-    step's metrics (floats)."""
-    module = engine.module
-    samples = None
-    if module.samples_before_forward:
-        with timer.section("sampling"):
-            samples = module.sample_candidates(batch, generator)
-    loss, metrics = engine(batch, generator, samples, timer)
+class DivergenceError(UserError):
+    """The run stopped because its loss or gradients were no longer finite."""
+
+
+class DivergenceGuard:
+    """Stops a run at the first non-finite loss, at the first non-finite gradient where
+    nothing else would catch it (ZeRO-0: the update would write NaN into the weights), and
+    after ``max_skipped_steps`` optimiser steps in a row that DeepSpeed skipped for
+    non-finite gradients (ZeRO 1-3 and fp16 loss scaling skip such updates; the schedule
+    then stands still)."""
+
+    def __init__(self, max_skipped_steps: int = 3):
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_in_a_row = 0
+        self._skipped_before = 0
+
+    def check_loss(self, engine, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise DivergenceError(
+                f"training diverged at step {engine.global_steps + 1}: the loss is {loss}; "
+                "nothing was updated or saved after the last checkpoint (resume from it "
+                "with --resume and a lower --learning_rate)")
+
+    def check_gradients(self, engine) -> None:
+        """Before the update, at ZeRO-0 (whole gradients on the parameters)."""
+        if engine.zero_optimization_stage() > 0 or not engine.is_gradient_accumulation_boundary():
+            return
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])
+                                             ).all()):
+            raise DivergenceError(
+                f"training diverged at step {engine.global_steps + 1}: non-finite gradients; "
+                "the update was not applied (resume from the last checkpoint with --resume "
+                "and a lower --learning_rate)")
+
+    def after_step(self, engine) -> None:
+        """After ``engine.step()`` at an accumulation boundary."""
+        skipped = engine.skipped_steps
+        if skipped > self._skipped_before:
+            self.skipped_in_a_row += skipped - self._skipped_before
+        else:
+            self.skipped_in_a_row = 0
+        self._skipped_before = skipped
+        if self.skipped_in_a_row >= self.max_skipped_steps:
+            raise DivergenceError(
+                f"training diverged at step {engine.global_steps}: DeepSpeed skipped the last "
+                f"{self.skipped_in_a_row} optimiser steps for non-finite gradients "
+                f"(--max_skipped_steps {self.max_skipped_steps}); resume from the last "
+                "checkpoint with --resume and a lower --learning_rate")
+
+
+def train_step(engine, batch: dict, generator, timer=NULL_TIMER, guard: DivergenceGuard | None
+               = None) -> tuple[torch.Tensor, dict]:
+    """One micro-step: forward (sampling inside), backward, optimiser step (DeepSpeed
+    applies it at the end of an accumulation window). Returns the loss and the step's
+    metrics (floats). With a ``guard``, a non-finite loss or gradient raises
+    ``DivergenceError`` before anything is updated."""
+    loss, metrics = engine(batch, generator, timer)
+    if guard is not None:
+        guard.check_loss(engine, metrics["loss"])
     with timer.section("backward"):
         engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    if guard is not None:
+        guard.check_gradients(engine)
     with timer.section("optimizer_step"):
         engine.step()
+    if guard is not None and boundary:
+        guard.after_step(engine)
     return loss, metrics

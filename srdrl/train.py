@@ -11,6 +11,11 @@ Each optimiser step, on every rank:
 5. total = language + traj_loss_weight * traj + rl_loss_weight * AWR
          + consistency_loss_weight * consistency; ``engine.backward``; ``engine.step``.
 
+Failures are loud: a non-finite loss or gradient stops the run with the step named and
+nothing saved after the last good checkpoint; SIGINT/SIGTERM save a checkpoint at the next
+optimiser step and stop; a used output_dir is refused without --resume or
+--overwrite_output_dir; user errors end in one line and exit code 2.
+
 Launch:
 
     srdrl-train                                   # one process, no launcher; CPU or 1 GPU
@@ -26,9 +31,12 @@ The step itself lives in ``srdrl.engine``, checkpoints in ``srdrl.checkpoint``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,12 +47,19 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from srdrl.checkpoint import CHECKPOINTS, export_policy, load_checkpoint, save_checkpoint
+from srdrl.checkpoint import (
+    CHECKPOINTS,
+    export_policy,
+    load_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+)
 from srdrl.cli import parse_config
 from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig, config_summary
 from srdrl.data.dataset import JsonlDataset
-from srdrl.data.loader import ResumableSampler, VLMCollate
+from srdrl.data.loader import ResumableSampler, VLMCollate, ignore_sigint
 from srdrl.engine import (
+    DivergenceGuard,
     SRDRLModule,
     init_distributed,
     resolve_deepspeed_config,
@@ -52,10 +67,13 @@ from srdrl.engine import (
     warmup_cosine,
     zero_stage_of,
 )
+from srdrl.errors import UserError, run_command
+from srdrl.metrics_log import MetricsLog
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
 from srdrl.policy.noise import SceneNoise, scene_seed
 
 CONFIG_CLASSES = (TrainConfig, ObjectiveConfig, RewardConfig)
+TRAIN_CONFIG_FILE = "train_config.json"
 
 
 def parse_args(argv: list[str] | None = None):
@@ -65,6 +83,16 @@ def parse_args(argv: list[str] | None = None):
 
 
 # --------------------------------------------------------------------------- set-up
+
+
+def _data_file(path: str, flag: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        hint = f"; did you mean {p / 'train.jsonl'}?" if (p / "train.jsonl").is_file() else ""
+        raise UserError(f"{flag} {p} is a directory; give the JSONL file{hint}")
+    if not p.is_file():
+        raise UserError(f"{flag} {p} does not exist")
+    return p
 
 
 def prepare_data(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
@@ -81,12 +109,10 @@ def prepare_data(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
                                              seed=cfg.seed))
         torch.distributed.barrier()
         return root / "train.jsonl", root / "val.jsonl"
-    train = Path(cfg.data_path)
-    if not train.is_file():
-        raise FileNotFoundError(f"--data_path {train} does not exist")
-    val = Path(cfg.eval_data_path) if cfg.eval_data_path else train.with_name("val.jsonl")
-    if cfg.eval_data_path and not val.is_file():
-        raise FileNotFoundError(f"--eval_data_path {val} does not exist")
+    train = _data_file(cfg.data_path, "--data_path")
+    if cfg.eval_data_path:
+        return train, _data_file(cfg.eval_data_path, "--eval_data_path")
+    val = train.with_name("val.jsonl")
     return train, (val if val.is_file() and val != train else None)
 
 
@@ -99,6 +125,50 @@ def build_policy(cfg: TrainConfig, texts: list[str]) -> VLAPolicy:
     return VLAPolicy(config, build_tokenizer(config, texts))
 
 
+@dataclasses.dataclass
+class EpochPlan:
+    """Whole accumulation windows per epoch: the micro-batches past the last full window
+    (and the scenes past the last full micro-batch) are left out of that epoch, so every
+    micro-batch has the same size and no window straddles two epochs."""
+
+    micro_batches: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_epochs(scenes_per_rank: int, cfg: TrainConfig) -> EpochPlan:
+    micro = scenes_per_rank // cfg.per_device_train_batch_size
+    steps = micro // cfg.gradient_accumulation_steps
+    if steps < 1:
+        raise UserError(
+            f"one epoch has {scenes_per_rank} scenes per rank, fewer than one optimiser step "
+            f"({cfg.per_device_train_batch_size} scenes x {cfg.gradient_accumulation_steps} "
+            "accumulation steps); add data or lower the batch size")
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps)
+    return EpochPlan(steps * cfg.gradient_accumulation_steps, steps, total)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the loop to save and stop at the next optimiser step; every rank
+    stops at the same step (the request is agreed over the group)."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def agreed(self) -> int:
+        flag = torch.tensor([self.signum], dtype=torch.int64,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -107,28 +177,33 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
 
     rank, world, device = init_distributed()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    resuming = cfg.resume or cfg.resume_from_checkpoint is not None
+    prepare_output_dir(out, resume=resuming, overwrite=cfg.overwrite_output_dir, rank=rank)
     ds_config = resolve_deepspeed_config(cfg, world)
     zero_stage = zero_stage_of(ds_config)
+    full_config = {"train": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective),
+                   "rewards": dataclasses.asdict(rewards), "deepspeed": ds_config,
+                   "world_size": world}
     if rank == 0:
         print("srdrl-train configuration:")
         for c in (cfg, objective, rewards):
             print(config_summary(c))
         print(f"  world_size = {world}, device = {device}, zero_stage = {zero_stage}, "
               f"bf16 = {ds_config.get('bf16', {}).get('enabled', False)}")
+        _write_json(out / TRAIN_CONFIG_FILE, full_config)
 
     train_path, val_path = prepare_data(cfg, rank)
     dataset = JsonlDataset(train_path)
-    global_batch = cfg.per_device_train_batch_size * world
-    if len(dataset) < global_batch:
-        raise ValueError(f"{train_path} has {len(dataset)} scenes, fewer than one global "
-                         f"batch ({cfg.per_device_train_batch_size} x {world} ranks)")
+    if len(dataset) < cfg.per_device_train_batch_size * world:
+        raise UserError(f"{train_path} has {len(dataset)} scenes, fewer than one global "
+                        f"batch ({cfg.per_device_train_batch_size} x {world} ranks)")
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
-    micro_per_epoch = len(sampler) // cfg.per_device_train_batch_size
-    steps_per_epoch = max(micro_per_epoch // cfg.gradient_accumulation_steps, 1)
-    total_steps = (cfg.max_steps if cfg.max_steps > 0
-                   else math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    plan = plan_epochs(len(sampler), cfg)
+    if rank == 0 and cfg.per_device_train_batch_size * world == 1 and \
+            objective.consistency_loss_weight > 0:
+        print("note: the consistency loss contrasts the scenes of a step; with one scene per "
+              "step it is 0 (use at least 2 scenes per step across ranks)")
 
     policy = build_policy(cfg, [r["reasoning"] for r in dataset.records])
     module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage)
@@ -136,97 +211,112 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(cfg.warmup_steps, total_steps)),
+            opt, warmup_cosine(cfg.warmup_steps, plan.total_steps)),
     )
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-
-    if rank == 0 and module.samples_before_forward:
-        print("ZeRO-3: parameters are partitioned, so each step gathers them and samples "
-              "eagerly before the forward pass (no CUDA graph)")
+    if rank == 0 and zero_stage == 3 and objective.rl_loss_weight > 0:
+        print("ZeRO-3: parameters are partitioned, so sampling runs eagerly inside the forward "
+              "pass, ZeRO-3 gathering the expert's parameters as it uses them (no CUDA graph)")
     elif rank == 0 and device.type == "cuda" and objective.use_cuda_graph:
         print(f"ZeRO-{zero_stage}: sampling replays a CUDA graph captured after "
               "deepspeed.initialize")
 
     progress = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0}
-    if cfg.resume:
-        loaded = load_checkpoint(engine, out, rank)
+    pending_metrics = None
+    if resuming:
+        path = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        loaded = load_checkpoint(engine, out, rank, path=path)
         if loaded is not None:
             progress.update({k: loaded[k] for k in progress})
+            pending_metrics = loaded.get("metrics_pending")
             if rank == 0:
                 print(f"resumed from step {progress['global_step']}")
         elif rank == 0:
-            print(f"--resume: no checkpoint in {out / CHECKPOINTS}, starting fresh")
+            print(f"--resume: no complete checkpoint in {out / CHECKPOINTS}, starting fresh")
 
-    writer = metrics_file = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-        metrics_file = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=total_steps, initial=progress["global_step"], disable=rank != 0,
+    log = MetricsLog(out, rank, world, resumed_step=progress["global_step"])
+    log.load_state(pending_metrics)
+    guard = DivergenceGuard(cfg.max_skipped_steps)
+    stop = StopSignal()
+    bar = tqdm(total=plan.total_steps, initial=progress["global_step"], disable=rank != 0,
                desc="train", unit="step", dynamic_ncols=True)
-
     collate_fn = VLMCollate(engine.module.policy.input_builder)
-    sums: dict[str, float] = {}
-    count, step_start = 0, time.perf_counter()
-    last = {}
-    stop_at = total_steps if cfg.stop_after_steps < 0 else min(cfg.stop_after_steps, total_steps)
-    while progress["global_step"] < stop_at:
-        sampler.set_epoch(progress["epoch"])
-        skip = progress["micro_in_epoch"] * cfg.per_device_train_batch_size
-        loader = DataLoader(dataset, batch_size=cfg.per_device_train_batch_size,
-                            sampler=ResumableSampler(sampler, skip), collate_fn=collate_fn,
-                            num_workers=cfg.dataloader_workers,
-                            persistent_workers=False)
-        for batch in loader:
-            # noise keyed by (seed, epoch, scene): independent of ranks and micro-batches
-            noise = SceneNoise([scene_seed(cfg.seed, progress["epoch"], i)
-                                for i in batch["index"]])
-            _, metrics = train_step(engine, batch, noise)
-            progress["micro_in_epoch"] += 1
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            if engine.global_steps == progress["global_step"]:
-                continue  # inside a gradient accumulation window
-            progress["global_step"] = engine.global_steps
-            bar.update()
-            step = progress["global_step"]
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                last = log_step(sums, count, step, time.perf_counter() - step_start,
-                                global_batch * cfg.gradient_accumulation_steps,
-                                scheduler.get_last_lr()[0], writer, metrics_file, bar, rank)
-                sums, count = {}, 0
-            step_start = time.perf_counter()
-            stopping = step >= total_steps or step == cfg.stop_after_steps
-            if (cfg.save_steps and step % cfg.save_steps == 0) or stopping:
-                save_checkpoint(engine, out, progress, rank)
-            if stopping:
-                break
-        else:
-            progress["epoch"] += 1
-            progress["micro_in_epoch"] = 0
-    bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
-        writer.close()
-    if progress["global_step"] < total_steps:  # --stop_after_steps: resume later
+    scenes_per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
+
+    def checkpoint():
+        state = {**progress, "metrics_pending": log.state()}
+        save_checkpoint(engine, out, state, rank, save_total_limit=cfg.save_total_limit,
+                        train_config=full_config)
+
+    last, step_start = {}, time.perf_counter()
+    stop_at = min(cfg.stop_after_steps, plan.total_steps) if cfg.stop_after_steps > 0 \
+        else plan.total_steps
+    interrupted = 0
+    try:
+        while progress["global_step"] < stop_at and not interrupted:
+            sampler.set_epoch(progress["epoch"])
+            skip = progress["micro_in_epoch"] * cfg.per_device_train_batch_size
+            take = plan.micro_batches * cfg.per_device_train_batch_size
+            loader = DataLoader(dataset, batch_size=cfg.per_device_train_batch_size,
+                                sampler=ResumableSampler(sampler, skip, take), drop_last=True,
+                                collate_fn=collate_fn, num_workers=cfg.dataloader_workers,
+                                worker_init_fn=ignore_sigint if cfg.dataloader_workers else None)
+            for batch in loader:
+                # noise keyed by (seed, epoch, scene): independent of ranks and micro-batches
+                noise = SceneNoise([scene_seed(cfg.seed, progress["epoch"], i)
+                                    for i in batch["index"]])
+                _, metrics = train_step(engine, batch, noise, guard=guard)
+                progress["micro_in_epoch"] += 1
+                log.add(metrics)
+                if engine.global_steps == progress["global_step"]:
+                    continue  # inside a gradient accumulation window
+                progress["global_step"] = step = engine.global_steps
+                bar.update()
+                if step % cfg.logging_steps == 0 or step == plan.total_steps:
+                    last = log.log(step, time.perf_counter() - step_start, scenes_per_step,
+                                   scheduler.get_last_lr()[0], bar)
+                step_start = time.perf_counter()
+                interrupted = stop.agreed() if world > 1 else stop.signum
+                if progress["micro_in_epoch"] == plan.micro_batches:
+                    progress["epoch"] += 1
+                    progress["micro_in_epoch"] = 0
+                if ((cfg.save_steps and step % cfg.save_steps == 0) or step >= stop_at
+                        or interrupted):
+                    checkpoint()
+                if step >= stop_at or interrupted:
+                    break
+    finally:
+        bar.close()
+        log.close()
+    if interrupted:
+        name = signal.Signals(interrupted).name
+        if rank == 0:
+            print(f"{name}: saved a checkpoint at step {progress['global_step']} in "
+                  f"{out / CHECKPOINTS}; continue with --resume", file=sys.stderr)
+        raise SystemExit(128 + interrupted)
+    if progress["global_step"] < plan.total_steps:  # --stop_after_steps: resume later
         torch.distributed.barrier()
         return {"steps": progress["global_step"], "final_metrics": last, "stopped_early": True}
     exported = export_policy(engine, out, rank, zero_stage)
     summary = {"steps": progress["global_step"], "final_metrics": last,
                "policy": str(exported)}
     if cfg.eval_samples > 0 and val_path is not None and rank == 0:
-        summary["eval"] = final_evaluation(engine.module.policy, dataset, val_path, cfg,
-                                           rewards, out)
+        summary["eval"] = final_evaluation(exported, dataset, val_path, cfg, rewards, out)
     torch.distributed.barrier()
     return summary
 
 
-def final_evaluation(policy, train_set, val_path, cfg, rewards, out: Path) -> dict:
-    """The validation metrics and, when the training data says which labels are noisy,
-    how the self-check (visual safety, trust gate) judged the training labels."""
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def final_evaluation(exported: Path, train_set, val_path, cfg, rewards, out: Path) -> dict:
+    """The validation metrics of the exported policy (read back from disk, so no rank needs
+    the engine's partitioned parameters) and, when the training data says which labels
+    are noisy, how the self-check (visual safety, trust gate) judged the training labels."""
     from srdrl.evaluate import (
         evaluate_policy,
         gate_diagnostics,
@@ -234,46 +324,27 @@ def final_evaluation(policy, train_set, val_path, cfg, rewards, out: Path) -> di
         print_summary,
     )
 
+    device = "cuda" if torch.cuda.is_available() else None
+    policy = VLAPolicy.from_pretrained(exported, device=device)
     report = evaluate_policy(policy, JsonlDataset(val_path), num_samples=cfg.eval_samples,
                              rewards=rewards)
     print_summary(report)
     if all("label_noisy" in r["eval"] for r in train_set.records):
         report["gate_diagnostics"] = gate_diagnostics(train_set, rewards)
         print_gate_summary(report["gate_diagnostics"])
-    (out / "eval_report.json").write_text(json.dumps(report, indent=2))
+    _write_json(out / "eval_report.json", report)
     return report
 
 
-def log_step(sums, count, step, dt, scenes_per_step, lr, writer, metrics_file, bar, rank):
-    """Average the step's micro-batch metrics over micro-steps and ranks; rank 0 logs."""
-    keys = sorted(sums)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")  # NCCL reduces device tensors only
-    values = torch.tensor([sums[k] / count for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(values)
-    values /= torch.distributed.get_world_size()
-    metrics = dict(zip(keys, values.cpu().tolist(), strict=True))
-    metrics.update(step=step, lr=lr, step_time_s=dt, scenes_per_s=scenes_per_step / max(dt, 1e-9))
-    if rank == 0:
-        order = ["loss", "language_loss", "traj_loss", "awr_loss", "consistency_loss",
-                 "reward_mean", "reward_best", "gt_is_best", "safety", "gt_sim", "reasoning",
-                 "gate_fired", "awr_weight_mean"]
-        line = " ".join(f"{k}={metrics[k]:.4g}" for k in order if k in metrics)
-        bar.write(f"step {step} {line} lr={lr:.3g} dt={dt:.2f}s "
-                  f"scenes/s={metrics['scenes_per_s']:.1f}")
-        for k, v in metrics.items():
-            writer.add_scalar(k, v, step)
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-    return metrics
-
-
 def main(argv: list[str] | None = None) -> None:
-    cfg, objective, rewards = parse_args(argv if argv is not None else sys.argv[1:])
-    summary = train(cfg, objective, rewards)
-    if torch.distributed.get_rank() == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
-    torch.distributed.destroy_process_group()
+    def run():
+        cfg, objective, rewards = parse_args(argv if argv is not None else sys.argv[1:])
+        summary = train(cfg, objective, rewards)
+        if torch.distributed.get_rank() == 0:
+            print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+        torch.distributed.destroy_process_group()
+
+    run_command("srdrl-train", run)
 
 
 if __name__ == "__main__":

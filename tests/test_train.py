@@ -13,6 +13,7 @@ from srdrl.cli import parse_config
 from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig
 from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
 from srdrl.engine import resolve_deepspeed_config
+from srdrl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIG = ROOT / "ds_config.json"
@@ -39,8 +40,8 @@ def _env():
 
 
 def _train(out, data, *flags, ranks=None, batch=2):
-    common = ["--data_path", str(data), "--output_dir", str(out), "--deepspeed_config",
-              str(DS_CONFIG), "--per_device_train_batch_size", str(batch), "--max_steps", "3",
+    common = ["--data_path", str(data), "--output_dir", str(out),
+              "--per_device_train_batch_size", str(batch), "--max_steps", "3",
               "--eval_samples", "0", "--num_trajectory_samples", "2", "--flow_steps", "2",
               "--scoring_backend", "kornia", "--warmup_steps", "1", "--logging_steps", "1",
               *flags]
@@ -75,11 +76,27 @@ def test_resume_continues_exactly(tmp_path, data):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_match_one_process(tmp_path, data, stage):
+    # at ZeRO-3 the final evaluation is on: it must not need the partitioned parameters
+    evaluation = ["--eval_samples", "1"] if stage == 3 else []
     single = _train(tmp_path / "one", data, "--zero_stage", str(stage), batch=2)
-    double = _train(tmp_path / "two", data, "--zero_stage", str(stage), ranks=2, batch=1)
+    double = _train(tmp_path / "two", data, "--zero_stage", str(stage), *evaluation, ranks=2,
+                    batch=1)
     for s, d in zip(_losses(single), _losses(double), strict=True):
         assert s[0] == d[0]
         assert s[1:] == pytest.approx(d[1:], rel=1e-4, abs=1e-5), (s, d)
+    if stage == 3:
+        report = json.loads((tmp_path / "two" / "eval_report.json").read_text())
+        assert report["scenes"] >= 1
+
+
+@pytest.mark.slow
+def test_a_seed_trains_the_same_at_zero_2_and_3(tmp_path, data):
+    # ZeRO-3 samples inside the forward pass too, after the supervised draws: same noise
+    zero2 = _train(tmp_path / "z2", data, "--zero_stage", "2")
+    zero3 = _train(tmp_path / "z3", data, "--zero_stage", "3")
+    for a, b in zip(_losses(zero2), _losses(zero3), strict=True):
+        assert a[0] == b[0]
+        assert a[1:] == pytest.approx(b[1:], rel=1e-4, abs=1e-5), (a, b)
 
 
 def test_bad_configs_fail_early(tmp_path, data, capsys, monkeypatch):
@@ -90,13 +107,13 @@ def test_bad_configs_fail_early(tmp_path, data, capsys, monkeypatch):
         parse_args(["--max_steps", "0"])
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
-    with pytest.raises(ValueError, match="unknown ZeRO stage 7"):
+    with pytest.raises(ConfigError, match="unknown ZeRO stage 7"):
         resolve_deepspeed_config(TrainConfig(deepspeed_config=str(bad)), 1)
     bad.write_text(json.dumps({"train_batch_size": 6}))
     with pytest.raises(ValueError, match=r"train_batch_size 6 is not .* = 8"):
         resolve_deepspeed_config(TrainConfig(deepspeed_config=str(bad),
                                              per_device_train_batch_size=4), 2)
-    with pytest.raises(FileNotFoundError, match="DeepSpeed config not found"):
+    with pytest.raises(ConfigError, match="DeepSpeed config not found"):
         resolve_deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "no.json")), 1)
     ds = resolve_deepspeed_config(TrainConfig(deepspeed_config=str(DS_CONFIG),
                                               per_device_train_batch_size=3,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
 
@@ -23,13 +25,21 @@ class VLMCollate:
 
 
 class ResumableSampler(Sampler):
-    """A DistributedSampler's epoch order, started after the batches already consumed."""
+    """A DistributedSampler's epoch order from index ``skip`` (the scenes already consumed
+    before a resume) up to ``take`` (the scenes of the epoch's whole accumulation windows)."""
 
-    def __init__(self, sampler: DistributedSampler, skip: int):
+    def __init__(self, sampler: DistributedSampler, skip: int, take: int | None = None):
         self.sampler, self.skip = sampler, skip
+        self.take = len(sampler) if take is None else min(take, len(sampler))
 
     def __iter__(self):
-        return iter(list(self.sampler)[self.skip:])
+        return iter(list(self.sampler)[self.skip:self.take])
 
     def __len__(self):
-        return max(len(self.sampler) - self.skip, 0)
+        return max(self.take - self.skip, 0)
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker init: leave Ctrl-C to the main process, which saves a checkpoint
+    at the next optimiser step and needs its workers until then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
