@@ -1,78 +1,515 @@
-"""Training state on disk: DeepSpeed checkpoints with each rank's RNG, and the exported policy.
+"""Training state on disk: checkpoints that are complete or ignored, read without running
+code from the files, and a policy export that is whole or absent (docs/DESIGN.md,
+"Checkpoints").
 
-Layout under ``output_dir``: ``checkpoints/step<N>/`` (DeepSpeed's files plus
-``rng_rank<r>.pt``) with ``checkpoints/latest`` naming the newest complete one, and
-``policy/`` (the final policy, ``save_pretrained``). DeepSpeed writes ``latest`` last, so a
-checkpoint it names is complete (docs/DESIGN.md, "Checkpoints"). The training noise itself
-is keyed by (seed, epoch, scene), so only the generic RNGs need saving.
+    output_dir/checkpoints/checkpoint-<global_step>/   DeepSpeed's files (progress as client
+        state), rng_rank<r>.pt, train_config.json, policy/, complete.json (written last)
+    output_dir/checkpoints/latest    the tag of the newest complete checkpoint
+    output_dir/policy/               the final policy (export_policy)
+
+DeepSpeed writes its files in place, so a kill leaves some cut short. Here every rank
+saves, then rank 0 writes ``complete.json`` (each file's size, the world size, the progress
+keys) and only then ``latest``, each renamed over the old. A folder without that marker, or
+with a file of another size, is never loaded; resume falls back to the newest complete one
+and says so in one line. Decisions that could differ between ranks are agreed by an
+all-reduce, so the ranks never split.
+
+Loading without running code: RNG states are stored as tensors, ints and floats and read
+with ``torch.load(weights_only=True)``. DeepSpeed 0.19.8 reads its own files through
+``engine.checkpoint_engine.load``, i.e. ``torch.load(weights_only=False)``, and no config
+key changes that (the ``checkpoint`` block picks writers). So while loading, the engine's
+checkpoint engine is wrapped by one that calls ``torch.load(weights_only=True)`` with the
+four plain-data DeepSpeed classes its files hold allowed by ``torch.serialization.
+safe_globals`` (scoped, not process-wide): the two loss scalers, ``ZeroStageEnum``,
+``fragment_address``; that reads every file of ZeRO 0-3, fp32 and bf16. Not covered:
+universal checkpoints (``load_universal_checkpoint``), whose loaders call
+``torch.load(weights_only=False)`` directly; srdrl does not enable them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from srdrl.errors import UserError
+
 CHECKPOINTS = "checkpoints"
 EXPORT = "policy"
+LATEST = "latest"
+MARKER = "complete.json"
+TRAIN_CONFIG = "train_config.json"
+RUN_OUTPUTS = (CHECKPOINTS, "metrics.jsonl", EXPORT, "eval_report.json", TRAIN_CONFIG,
+               "tensorboard")
+"""What a training run writes into output_dir (data/ aside): the signs of a used folder."""
+_TAG = re.compile(r"checkpoint-(\d+)")
+
+
+class CheckpointError(UserError):
+    """A checkpoint or output folder that cannot be used; the message names it and why."""
+
+
+class NonFiniteWeightsError(UserError):
+    """An export refused because a weight is NaN or infinite: the run diverged."""
+
+
+# --------------------------------------------------------------------------- ranks agree
+
+
+def _agree(error: str | None) -> str | None:
+    """The first failing rank's message on every rank, or None when every rank succeeded.
+    Also a barrier. Without a process group, ``error`` itself."""
+    if not torch.distributed.is_initialized():
+        return error
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
+    ok = torch.tensor([int(error is None)], device=device)
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if ok.item():
+        return None
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return next(e if len(errors) == 1 else f"rank {r}: {e}"
+                for r, e in enumerate(errors) if e is not None)
+
+
+def _all_or_none(action: Callable[[], object]) -> None:
+    """Run ``action`` on this rank; if it fails on any rank, every rank raises: the failing
+    rank its own exception (with its traceback), the others a CheckpointError with the
+    failing rank's message. Also a barrier."""
+    failure = None
+    try:
+        action()
+    except Exception as e:  # noqa: BLE001 - re-raised below, once the ranks agree
+        failure = e
+    message = _agree(None if failure is None else _describe(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise CheckpointError(message)
+
+
+def _on_rank0(rank: int, action: Callable[[], object]) -> None:
+    _all_or_none(action if rank == 0 else (lambda: None))
+
+
+def _describe(error: BaseException) -> str:
+    """One line: the refused pickle global when there is one, else the first line."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()] or [type(error).__name__]
+    line = next((x for x in lines if "Unsupported global" in x), lines[0])
+    return f"{type(error).__name__}: {line[:300]}"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value) -> None:
+    """Strict JSON (no NaN/Infinity tokens) written to a temporary file, then renamed over
+    ``path``: a reader sees the old file or the new one, never half of it."""
+    _write_atomic(Path(path), json.dumps(value, indent=2, sort_keys=True, allow_nan=False))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _holds_something(path: Path) -> bool:
+    """A file, a link, or a folder that is not empty (the probe below leaves an empty
+    checkpoints/ behind, which must not make the folder count as used)."""
+    if path.is_dir() and not path.is_symlink():
+        return any(path.iterdir())
+    return path.exists() or path.is_symlink()
+
+
+def _probe_writable(folder: Path, rank: int) -> str | None:
+    """None when ``folder`` can be created and written, else why not."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    probe = folder / f".write_probe_rank{rank}_{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"srdrl")
+        probe.unlink()
+    except OSError as e:
+        return f"{folder} cannot be written ({e.strerror or e})"
+    return None
+
+
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, rank: int) -> None:
+    """Refuse an output_dir that holds a run (any of ``RUN_OUTPUTS``; empty folders do not
+    count) unless ``resume`` or ``overwrite``; with ``overwrite`` and not ``resume``, rank 0
+    removes those (data/, the generated synthetic data, and anything else stays). Then every
+    rank writes and removes a probe file in output_dir and output_dir/checkpoints, so an
+    unwritable folder fails now rather than at the first save. Raises CheckpointError naming
+    the path."""
+    out = Path(out)
+    used = [name for name in RUN_OUTPUTS if _holds_something(out / name)]
+    if used and not (resume or overwrite):
+        raise CheckpointError(
+            f"output_dir {out} already holds a run ({', '.join(used)}); pass --resume to "
+            f"continue it or --overwrite_output_dir to replace it (data/ is kept)")
+    if used and overwrite and not resume:
+        def remove_run():
+            for name in used:
+                _remove(out / name)
+        try:
+            _on_rank0(rank, remove_run)
+        except OSError as e:
+            raise CheckpointError(f"--overwrite_output_dir: cannot remove {e.filename}: "
+                                  f"{e.strerror}") from None
+    problem = _probe_writable(out, rank) or _probe_writable(out / CHECKPOINTS, rank)
+    problem = _agree(problem)
+    if problem is not None:
+        raise CheckpointError(f"output_dir: {problem}; checkpoints and metrics go there")
+
+
+# --------------------------------------------------------------------------- RNG state
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """This process's Python, NumPy, torch (and current CUDA device) RNG states, as plain
+    tensors, ints and floats that ``torch.load(weights_only=True)`` reads."""
+    version, internal, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, out: Path, progress: dict, rank: int) -> None:
-    """DeepSpeed's own save, after each rank's RNG went into the tag folder."""
-    tag = f"step{progress['global_step']}"
-    folder = out / CHECKPOINTS / tag
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"rng_rank{rank}.pt.tmp"
-    torch.save(rng_state(), tmp)
-    os.replace(tmp, folder / f"rng_rank{rank}.pt")
-    torch.distributed.barrier()
-    engine.save_checkpoint(str(out / CHECKPOINTS), tag=tag, client_state=progress)
+# --------------------------------------------------------------------------- save
 
 
-def load_checkpoint(engine, out: Path, rank: int) -> dict | None:
-    """The progress dict of the checkpoint ``latest`` names (engine and RNG restored), or
-    None when there is none."""
-    if not (out / CHECKPOINTS / "latest").is_file():
-        return None
-    tag = (out / CHECKPOINTS / "latest").read_text().strip()
-    path, progress = engine.load_checkpoint(str(out / CHECKPOINTS), tag=tag)
-    if path is None:
-        raise RuntimeError(f"could not load checkpoint {tag} from {out / CHECKPOINTS}")
-    set_rng_state(torch.load(out / CHECKPOINTS / tag / f"rng_rank{rank}.pt", weights_only=False))
-    return progress
-
-
-def export_policy(engine, out: Path, rank: int, zero_stage: int) -> Path:
-    """The trained policy as safetensors (save_pretrained), gathered under ZeRO-3."""
+def _whole_parameters(module: torch.nn.Module, partitioned: bool):
+    """Under ZeRO-3 (``partitioned``) every rank gathers the full parameters."""
+    if not partitioned:
+        return contextlib.nullcontext()
     import deepspeed
 
-    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
-              if zero_stage == 3 else contextlib.nullcontext())
-    with gather:
-        if rank == 0:
-            policy = engine.module.policy
-            dtype = next(policy.parameters()).dtype
-            policy.float().save_pretrained(out / EXPORT)
-            policy.to(dtype)
-    torch.distributed.barrier()
-    return out / EXPORT
+    return deepspeed.zero.GatheredParameters(list(module.parameters()))
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")}
+
+
+def _checkpoint_folders(root: Path) -> list[Path]:
+    """checkpoint-<N> folders under ``root``, highest step first."""
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and _TAG.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_TAG.fullmatch(p.name).group(1)), reverse=True)
+
+
+def _incomplete(folder: Path) -> str | None:
+    """None for a complete checkpoint folder, else what is wrong with it."""
+    if not folder.is_dir():
+        return "no such folder"
+    try:
+        files = json.loads((folder / MARKER).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MARKER}: its save did not finish"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MARKER} is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return (f"{name} has {path.stat().st_size} bytes, {size} when saved "
+                    "(cut short or overwritten)")
+    return None
+
+
+def _prune(root: Path, keep: Path, limit: int) -> None:
+    """Delete the oldest complete checkpoints so that ``limit`` remain, ``keep`` among them.
+    The marker goes first, so an interrupted deletion leaves an incomplete folder."""
+    others = [f for f in _checkpoint_folders(root) if f != keep and _incomplete(f) is None]
+    for folder in others[limit - 1:]:
+        (folder / MARKER).unlink()
+        shutil.rmtree(folder)
+
+
+def save_checkpoint(engine, out: Path, progress: dict, rank: int, *,
+                    save_total_limit: int | None = None, train_config: dict | None = None,
+                    export: Callable[[Path], object] | None = None) -> Path:
+    """Write ``output_dir/checkpoints/checkpoint-<progress['global_step']>/``; every rank
+    calls it. Each rank's RNG state and DeepSpeed's ``engine.save_checkpoint`` (progress as
+    client state); then, with parameters whole (gathered under ZeRO-3), rank 0 calls
+    ``export(folder / "policy")`` if given (e.g. ``functools.partial(write_policy,
+    engine.module.policy)``); then rank 0 writes ``train_config.json`` (if given), the
+    completion marker and ``latest``, and with ``save_total_limit`` removes the oldest
+    complete checkpoints beyond it (never this one). A failure on any rank (a refused export,
+    a full disk) raises on every rank and leaves this folder incomplete and ``latest`` as it
+    was. Returns the folder."""
+    if engine.checkpoint_engine.is_decoupled():
+        raise CheckpointError("a decoupled DeepSpeed checkpoint writer finishes after "
+                              "save_checkpoint returns, so srdrl cannot tell when a checkpoint "
+                              "is complete; remove checkpoint.writer.decoupled from the config")
+    root = Path(out) / CHECKPOINTS
+    folder = root / f"checkpoint-{progress['global_step']}"
+    # saving a step again (e.g. a stop signal right after a periodic save): the old marker
+    # must not vouch for files that are about to be rewritten
+    _on_rank0(rank, lambda: (folder / MARKER).unlink(missing_ok=True))
+
+    def write_rng():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng_file = folder / f"rng_rank{rank}.pt"
+        torch.save(rng_state(), rng_file.with_name(rng_file.name + ".tmp"))
+        os.replace(rng_file.with_name(rng_file.name + ".tmp"), rng_file)
+
+    _all_or_none(write_rng)
+    engine.save_checkpoint(str(root), tag=folder.name, client_state=progress,
+                           save_latest=False)  # ends in a barrier
+    if export is not None:
+        with _whole_parameters(engine.module, engine.zero_optimization_partition_weights()):
+            _on_rank0(rank, lambda: export(folder / EXPORT))
+
+    def finish():
+        if train_config is not None:
+            write_json(folder / TRAIN_CONFIG, train_config)
+        write_json(folder / MARKER, {"global_step": progress["global_step"],
+                                     "progress_keys": sorted(progress),
+                                     "world_size": torch.distributed.get_world_size(),
+                                     "files": _file_sizes(folder)})
+        _write_atomic(root / LATEST, folder.name)
+        if save_total_limit is not None:
+            _prune(root, folder, save_total_limit)
+
+    _on_rank0(rank, finish)
+    return folder
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _deepspeed_data_classes() -> list:
+    """The DeepSpeed classes pickled in its checkpoint files: plain data, no code on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyReader:
+    """A DeepSpeed checkpoint engine whose ``load`` reads with ``weights_only=True``;
+    everything else goes to the engine it wraps."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_data_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def _weights_only_loads(engine):
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyReader(original)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = original
+
+
+class _Unusable(Exception):
+    """A checkpoint folder that is incomplete or does not fit this run; the message says why."""
+
+
+def _load_one(engine, folder: Path, rank: int) -> dict:
+    """Load a checkpoint folder into ``engine`` and this process's RNG; the progress dict.
+    Raises (anything) when the folder is incomplete or cannot be read."""
+    problem = _incomplete(folder)
+    if problem is not None:
+        raise _Unusable(problem)
+    marker = json.loads((folder / MARKER).read_text())
+    world = torch.distributed.get_world_size()
+    if marker["world_size"] != world:
+        raise _Unusable(f"saved by {marker['world_size']} ranks, this run has {world} (ZeRO "
+                         "optimizer partitions and per-rank RNG states do not carry over)")
+    rng = torch.load(folder / f"rng_rank{rank}.pt", weights_only=True)
+    with _weights_only_loads(engine):
+        loaded, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if loaded is None:
+        raise _Unusable("DeepSpeed found no model states in it")
+    set_rng_state(rng)
+    return {k: client_state[k] for k in marker["progress_keys"]}
+
+
+def _try_load(engine, folder: Path, rank: int) -> tuple[dict | None, str | None]:
+    """(progress, None) when every rank loaded ``folder``, else (None, the first reason)."""
+    progress = error = None
+    try:
+        progress = _load_one(engine, folder, rank)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, with why
+        error = str(e) if isinstance(e, _Unusable) else _describe(e)
+    error = _agree(error)
+    return (None, error) if error is not None else (progress, None)
+
+
+def _resume_order(root: Path) -> tuple[list[Path], list[str]]:
+    """The folders to try (the one ``latest`` names, then the rest newest first) and notes
+    on ``latest`` itself."""
+    folders = _checkpoint_folders(root)
+    if not folders:
+        others = sorted(p.name for p in root.glob("*") if p.is_dir())
+        note = f"{root} holds no checkpoint-<step> folder, only {', '.join(others[:4])}"
+        return [], [note] if others else []
+    latest = root / LATEST
+    tag = latest.read_text(errors="replace").strip() if latest.is_file() else None
+    if tag is None:
+        return folders, [f"{latest} is missing"]
+    if not tag:
+        return folders, [f"{latest} is empty"]
+    if not _TAG.fullmatch(tag) or root / tag not in folders:
+        return folders, [f"{latest} names {tag[:80]!r}, which is not a checkpoint folder"]
+    return [root / tag] + [f for f in folders if f != root / tag], []
+
+
+def load_checkpoint(engine, out: Path, rank: int, path: Path | None = None) -> dict | None:
+    """Resume: restore engine (weights, optimizer, scheduler) and RNG; return the progress
+    dict saved with it. Every rank calls it.
+
+    With ``path`` (--resume_from_checkpoint), exactly that folder, or CheckpointError. Without,
+    the folder ``latest`` names if it is complete and loads, else the newest complete one
+    that loads, printing one line on what was skipped and why; None (with a line if
+    incomplete folders were skipped) when no complete checkpoint exists; CheckpointError when
+    complete ones exist but none loads (nothing is silently restarted from step 0)."""
+    if path is not None:
+        progress, error = _try_load(engine, Path(path), rank)
+        if error is not None:
+            raise CheckpointError(f"--resume_from_checkpoint {path}: {error}")
+        return progress
+    root = Path(out) / CHECKPOINTS
+    order, notes = _resume_order(root) if rank == 0 else ([], [])
+    if torch.distributed.is_initialized():  # every rank tries the same folders in order
+        shared = [(order, notes)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        order, notes = shared[0]
+    if not order and notes:
+        raise CheckpointError(f"--resume: {notes[0]} (from an older srdrl?); move them away "
+                              "or start over with --overwrite_output_dir")
+    skipped, unreadable = [], False
+    for folder in order:
+        progress, error = _try_load(engine, folder, rank)
+        if progress is not None:
+            if rank == 0 and (notes or skipped):
+                _say(notes + skipped + [f"resuming from {folder.name}"])
+            return progress
+        skipped.append(f"skipped {folder.name} ({error})")
+        unreadable |= _incomplete(folder) is None
+    if unreadable:
+        raise CheckpointError(f"no checkpoint in {root} could be loaded: "
+                              + "; ".join(notes + skipped))
+    if rank == 0 and skipped:
+        _say(notes + skipped + ["no complete checkpoint: starting from step 0"])
+    return None
+
+
+def _say(parts: list[str]) -> None:
+    print("resume: " + "; ".join(parts), file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _first_non_finite(policy: torch.nn.Module) -> str | None:
+    """The first parameter holding NaN or inf, with how many (buffers such as masks may hold
+    -inf on purpose; parameters never should)."""
+    for name, tensor in policy.named_parameters():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            return f"{name} has {bad} NaN or infinite values of {tensor.numel()}"
+    return None
+
+
+@contextlib.contextmanager
+def _float32_on_cpu(policy: torch.nn.Module):
+    """Point the policy's floating tensors at float32 CPU copies, then back at the very same
+    tensors: a ``.float()`` then ``.to(dtype)`` round trip would leave new tensors that are
+    no longer views into DeepSpeed's flat bf16 buffers nor the memory a CUDA graph reads."""
+    tensors = [t for t in chain(policy.parameters(), policy.buffers()) if t.is_floating_point()]
+    originals = [t.data for t in tensors]
+    try:
+        for t, data in zip(tensors, originals, strict=True):
+            t.data = data.to("cpu", torch.float32)
+        yield
+    finally:
+        for t, data in zip(tensors, originals, strict=True):
+            t.data = data
+
+
+def write_policy(policy: torch.nn.Module, target: Path) -> Path:
+    """``policy.save_pretrained`` in float32 into ``target``, whole or not at all: refuses
+    non-finite weights (NonFiniteWeightsError naming the first), writes a sibling
+    ``.<name>.partial`` folder and renames it over ``target`` (a previous export is moved
+    to ``.<name>.old`` for the instant between the two renames). The live parameters keep
+    their storage and dtype. Parameters must be whole (gathered under ZeRO-3)."""
+    target = Path(target)
+    problem = _first_non_finite(policy)
+    if problem is not None:
+        raise NonFiniteWeightsError(f"refusing to export {target}: {problem}; the run "
+                                    "diverged (try a lower --learning_rate)")
+    partial = target.with_name(f".{target.name}.partial")
+    old = target.with_name(f".{target.name}.old")
+    _remove(partial)
+    with _float32_on_cpu(policy):
+        policy.save_pretrained(partial)
+    _remove(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(partial, target)
+    _remove(old)
+    return target
+
+
+def export_policy(engine, out: Path, rank: int, zero_stage: int, folder: str = EXPORT) -> Path:
+    """The trained policy in ``output_dir/<folder>`` (``write_policy`` on rank 0, parameters
+    gathered under ZeRO-3); every rank calls it, and every rank raises if the export is
+    refused."""
+    target = Path(out) / folder
+    with _whole_parameters(engine.module, zero_stage == 3):
+        _on_rank0(rank, lambda: write_policy(engine.module.policy, target))
+    return target

@@ -156,6 +156,17 @@ class TrainConfig:
     """Optimiser steps between checkpoints; 0 saves only at the end."""
     resume: bool = False
     """Continue from the latest checkpoint in output_dir (same data order, RNG, scheduler)."""
+    resume_from_checkpoint: str | None = None
+    """Continue from exactly this checkpoint folder (e.g. output_dir/checkpoints/checkpoint-40),
+    failing if it is incomplete or unreadable; implies --resume. Empty: --resume takes the
+    checkpoint output_dir/checkpoints/latest names, or the newest complete one."""
+    overwrite_output_dir: bool = False
+    """Start over in an output_dir that holds a previous run: its checkpoints, metrics,
+    TensorBoard logs, exported policy, eval report and train_config.json are deleted first
+    (data/ is kept). Without this or --resume, a used output_dir is refused."""
+    save_total_limit: int | None = None
+    """Keep at most this many complete checkpoints, deleting the lowest steps after each save
+    (never the one just written). Empty: keep every checkpoint."""
     stop_after_steps: int = -1
     """Save a checkpoint and stop after this many optimiser steps, leaving the schedule of
     the full run unchanged (for time-sliced jobs: run again with --resume); -1: run to
@@ -191,6 +202,16 @@ class TrainConfig:
             raise ValueError("logging_steps must be >= 1, save_steps and warmup_steps >= 0")
         if self.data_path is not None and not self.data_path:
             self.data_path = None
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 (or unset to keep every "
+                             f"checkpoint), got {self.save_total_limit}")
+        if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint:
+            self.resume_from_checkpoint = None
+        if self.resume_from_checkpoint is not None:
+            self.resume = True
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("--resume/--resume_from_checkpoint continue the run in output_dir "
+                             "and --overwrite_output_dir deletes it; pass one of them")
 
 
 def field_docs(cls) -> dict[str, str]:
