@@ -228,7 +228,7 @@ def memory_table(sizes: dict, activations: float) -> list[dict]:
 def print_memory_table(rows, params: int, activations: float, scenes: int) -> None:
     print(f"\nFULL fine-tuning memory per GPU, GiB ({params / 1e9:.2f}e9 parameters; bf16 "
           f"weights and gradients, fp32 AdamW; activations {activations / 2**30:.1f} GiB "
-          f"per micro-batch of {scenes} scenes, measured with LoRA)")
+          f"per micro-batch of {scenes} scenes: peak minus resident memory of the LoRA step)")
     cols = ["weights", "gradients", "optimizer", "step_fp32_grads", "buckets", "activations",
             "total"]
     print("| ZeRO | GPUs | " + " | ".join(cols) + " | fits 139 GiB |")
@@ -296,6 +296,8 @@ def main(argv=None) -> int:
     flops = count_flops(engine, module, one_step, args.gradient_checkpointing)
     peak_rate = bf16_matmul_peak() if cuda else None
     sizes = part_sizes(module)
+    # what one step adds on top of weights and optimizer state: activations, gradients of
+    # the trained parameters, temporaries; stands in for full fine-tuning's activations
     activations = (peak - resident) if cuda else 0.0
     table = memory_table(sizes, activations)
 
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
         "mfu": flops / step_s / peak_rate if peak_rate else None,
         "peak_memory_gib": peak / 2**30 if cuda else None,
         "resident_memory_gib": resident / 2**30 if cuda else None,
-        "activation_memory_gib": activations / 2**30,
+        "step_transient_memory_gib": activations / 2**30,
         "prefix_tokens": prefix_tokens, "image_tokens_per_scene": image_tokens,
         "lora_params": counts, "parameters": sizes,
     }
