@@ -505,11 +505,13 @@ def write_policy(policy: torch.nn.Module, target: Path) -> Path:
     return target
 
 
-def export_policy(engine, out: Path, rank: int, zero_stage: int, folder: str = EXPORT) -> Path:
-    """The trained policy in ``output_dir/<folder>`` (``write_policy`` on rank 0, parameters
-    gathered under ZeRO-3); every rank calls it, and every rank raises if the export is
-    refused."""
+def export_policy(engine, out: Path, rank: int, zero_stage: int, folder: str = EXPORT,
+                  writer=None) -> Path:
+    """The trained policy in ``output_dir/<folder>`` (``writer(policy, target)``, by default
+    ``write_policy``, on rank 0, parameters gathered under ZeRO-3); every rank calls it, and
+    every rank raises if the export is refused."""
     target = Path(out) / folder
+    writer = writer or write_policy
     with _whole_parameters(engine.module, zero_stage == 3):
-        _on_rank0(rank, lambda: write_policy(engine.module.policy, target))
+        _on_rank0(rank, lambda: writer(engine.module.policy, target))
     return target

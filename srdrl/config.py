@@ -148,6 +148,9 @@ class TrainConfig:
     """Seed of the model's initialisation, the data order and every rank's noise."""
     logging_steps: int = 10
     """Optimiser steps between metrics lines."""
+    gradient_checkpointing: bool = False
+    """Checkpoint the VLM's decoder layers (recompute activations in the backward pass); the
+    prefix keys/values the expert reads are recomputed from each layer's input."""
     max_skipped_steps: int = 3
     """Stop the run when this many optimiser steps in a row were skipped by DeepSpeed for
     non-finite gradients (a non-finite loss, or a non-finite gradient at ZeRO-0, stops it

@@ -177,10 +177,16 @@ class SRDRLModule(nn.Module):
         explicit ``GatheredParameters`` cannot be released inside the engine's forward
         pass while the module is still active)."""
         o = self.objective
-        return self.sampler(self.policy, batch, o.num_trajectory_samples, steps=o.flow_steps,
-                            noise_scale_step=o.noise_scale_step, generator=generator,
-                            use_cuda_graph=o.use_cuda_graph and self.zero_stage < 3,
-                            prefix=prefix)
+        was_training = self.policy.training
+        self.policy.eval()  # no adapter dropout while sampling (nor inside a captured graph)
+        try:
+            return self.sampler(self.policy, batch, o.num_trajectory_samples,
+                                steps=o.flow_steps, noise_scale_step=o.noise_scale_step,
+                                generator=generator,
+                                use_cuda_graph=o.use_cuda_graph and self.zero_stage < 3,
+                                prefix=prefix)
+        finally:
+            self.policy.train(was_training)
 
     def forward(self, batch: dict, generator, timer=NULL_TIMER):
         return srdrl_loss(self.policy, self.heads, batch, self.objective, self.rewards,

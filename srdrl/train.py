@@ -32,9 +32,9 @@ The step itself lives in ``srdrl.engine``, checkpoints in ``srdrl.checkpoint``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -49,10 +49,13 @@ from tqdm import tqdm
 
 from srdrl.checkpoint import (
     CHECKPOINTS,
+    TRAIN_CONFIG,
     export_policy,
     load_checkpoint,
     prepare_output_dir,
     save_checkpoint,
+    write_json,
+    write_policy,
 )
 from srdrl.cli import parse_config
 from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig, config_summary
@@ -70,14 +73,23 @@ from srdrl.engine import (
 from srdrl.errors import UserError, run_command
 from srdrl.metrics_log import MetricsLog
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
+from srdrl.policy.kv_recompute import set_vlm_gradient_checkpointing
+from srdrl.policy.lora import (
+    LoraSettings,
+    adapted_parts,
+    apply_lora,
+    merge_lora,
+    save_lora_adapters,
+)
 from srdrl.policy.noise import SceneNoise, scene_seed
 
-CONFIG_CLASSES = (TrainConfig, ObjectiveConfig, RewardConfig)
-TRAIN_CONFIG_FILE = "train_config.json"
+CONFIG_CLASSES = (TrainConfig, ObjectiveConfig, RewardConfig, LoraSettings)
+ADAPTERS = "adapters"
 
 
 def parse_args(argv: list[str] | None = None):
-    """(TrainConfig, ObjectiveConfig, RewardConfig) from --config and the command line."""
+    """(TrainConfig, ObjectiveConfig, RewardConfig, LoraSettings) from --config and the
+    command line."""
     return parse_config(CONFIG_CLASSES, argv, prog="srdrl-train",
                         description=__doc__.split("\n\n")[0])
 
@@ -172,25 +184,42 @@ class StopSignal:
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -> dict:
+def write_checkpoint_policy(policy: VLAPolicy, folder: Path) -> None:
+    """A loadable policy in ``folder`` (rank 0, parameters whole): with LoRA, the adapters
+    in peft's format under ``folder/adapters`` and the weights with the adapters merged
+    into a copy (the live policy keeps training its adapters)."""
+    if not adapted_parts(policy):
+        write_policy(policy, folder)
+        return
+    import copy
+
+    merged = copy.deepcopy(policy)
+    merge_lora(merged)
+    write_policy(merged, folder)
+    save_lora_adapters(policy, folder / ADAPTERS)
+
+
+def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
+          lora: LoraSettings | None = None) -> dict:
     import deepspeed
 
     rank, world, device = init_distributed()
     out = Path(cfg.output_dir)
-    resuming = cfg.resume or cfg.resume_from_checkpoint is not None
+    resuming = cfg.resume  # --resume_from_checkpoint PATH implies it
     prepare_output_dir(out, resume=resuming, overwrite=cfg.overwrite_output_dir, rank=rank)
     ds_config = resolve_deepspeed_config(cfg, world)
     zero_stage = zero_stage_of(ds_config)
+    lora = lora or LoraSettings()
     full_config = {"train": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective),
-                   "rewards": dataclasses.asdict(rewards), "deepspeed": ds_config,
-                   "world_size": world}
+                   "rewards": dataclasses.asdict(rewards), "lora": dataclasses.asdict(lora),
+                   "deepspeed": ds_config, "world_size": world}
     if rank == 0:
         print("srdrl-train configuration:")
-        for c in (cfg, objective, rewards):
+        for c in (cfg, objective, rewards, lora):
             print(config_summary(c))
         print(f"  world_size = {world}, device = {device}, zero_stage = {zero_stage}, "
               f"bf16 = {ds_config.get('bf16', {}).get('enabled', False)}")
-        _write_json(out / TRAIN_CONFIG_FILE, full_config)
+        write_json(out / TRAIN_CONFIG, full_config)
 
     train_path, val_path = prepare_data(cfg, rank)
     dataset = JsonlDataset(train_path)
@@ -206,6 +235,11 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
               "step it is 0 (use at least 2 scenes per step across ranks)")
 
     policy = build_policy(cfg, [r["reasoning"] for r in dataset.records])
+    counts = apply_lora(policy, lora)  # None without --use_peft
+    if rank == 0 and counts is not None:
+        print(f"LoRA: {counts}")
+    if cfg.gradient_checkpointing:
+        set_vlm_gradient_checkpointing(policy)
     module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
@@ -247,7 +281,9 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
     def checkpoint():
         state = {**progress, "metrics_pending": log.state()}
         save_checkpoint(engine, out, state, rank, save_total_limit=cfg.save_total_limit,
-                        train_config=full_config)
+                        train_config=full_config,
+                        export=functools.partial(write_checkpoint_policy,
+                                                 engine.module.policy))
 
     last, step_start = {}, time.perf_counter()
     stop_at = min(cfg.stop_after_steps, plan.total_steps) if cfg.stop_after_steps > 0 \
@@ -298,19 +334,14 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig) -
     if progress["global_step"] < plan.total_steps:  # --stop_after_steps: resume later
         torch.distributed.barrier()
         return {"steps": progress["global_step"], "final_metrics": last, "stopped_early": True}
-    exported = export_policy(engine, out, rank, zero_stage)
+    # with LoRA: merged weights, and the adapters in peft's format under policy/adapters
+    exported = export_policy(engine, out, rank, zero_stage, writer=write_checkpoint_policy)
     summary = {"steps": progress["global_step"], "final_metrics": last,
                "policy": str(exported)}
     if cfg.eval_samples > 0 and val_path is not None and rank == 0:
         summary["eval"] = final_evaluation(exported, dataset, val_path, cfg, rewards, out)
     torch.distributed.barrier()
     return summary
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def final_evaluation(exported: Path, train_set, val_path, cfg, rewards, out: Path) -> dict:
@@ -332,14 +363,14 @@ def final_evaluation(exported: Path, train_set, val_path, cfg, rewards, out: Pat
     if all("label_noisy" in r["eval"] for r in train_set.records):
         report["gate_diagnostics"] = gate_diagnostics(train_set, rewards)
         print_gate_summary(report["gate_diagnostics"])
-    _write_json(out / "eval_report.json", report)
+    write_json(out / "eval_report.json", report)
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     def run():
-        cfg, objective, rewards = parse_args(argv if argv is not None else sys.argv[1:])
-        summary = train(cfg, objective, rewards)
+        cfg, objective, rewards, lora = parse_args(argv if argv is not None else sys.argv[1:])
+        summary = train(cfg, objective, rewards, lora)
         if torch.distributed.get_rank() == 0:
             print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
         torch.distributed.destroy_process_group()

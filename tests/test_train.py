@@ -144,3 +144,15 @@ def test_help_explains_every_flag():
                         ("--resume", "latest checkpoint"), ("--data_path", "synthetic")]:
         entry = run.stdout.split(f"\n  {flag} ", 1)[1][:400]  # the flag's help entry
         assert words in " ".join(entry.split()), flag
+
+
+@pytest.mark.slow
+def test_lora_run_exports_merged_weights_and_adapters(tmp_path, data):
+    from srdrl.policy import VLAPolicy
+
+    out = tmp_path / "lora"
+    _train(out, data, "--use_peft", "--lora_r", "4", "--save_steps", "2")
+    for folder in (out / "policy", out / "checkpoints" / "checkpoint-2" / "policy"):
+        assert (folder / "adapters" / "expert" / "adapter_model.safetensors").is_file()
+        policy = VLAPolicy.from_pretrained(folder)  # plain names: the adapters merged in
+        assert not any("lora_" in n for n, _ in policy.named_parameters())

@@ -41,6 +41,7 @@ from srdrl.action_space import ActionSpace
 from srdrl.policy.config import PolicyConfig
 from srdrl.policy.expert import ActionExpert, ExpertContext, build_context, shift_rotary
 from srdrl.policy.inputs import IGNORE_INDEX, VLMInputBuilder, VLMInputs, template_texts
+from srdrl.policy.kv_recompute import recorded_layer_inputs
 from srdrl.policy.tokenizer import (
     load_tokenizer,
     save_tokenizer,
@@ -198,16 +199,19 @@ class VLAPolicy(nn.Module):
             rope_kwargs["mm_token_type_ids"] = inputs.mm_token_type_ids
         position_ids, _ = model.get_rope_index(inputs.input_ids, **rope_kwargs)  # (3, B, L)
         cache = DynamicCache()
-        out = model(
-            input_ids=inputs.input_ids,
-            attention_mask=inputs.attention_mask,
-            position_ids=position_ids,
-            pixel_values=inputs.pixel_values,
-            image_grid_thw=inputs.image_grid_thw,
-            mm_token_type_ids=inputs.mm_token_type_ids,
-            use_cache=True,
-            **{_CACHE_KWARG: cache},
-        )
+        # gradient checkpointing turns the cache off: then the keys/values are recomputed
+        # from each layer's recorded input (kv_recompute.py)
+        with recorded_layer_inputs(self.vlm) as recorded:
+            out = model(
+                input_ids=inputs.input_ids,
+                attention_mask=inputs.attention_mask,
+                position_ids=position_ids,
+                pixel_values=inputs.pixel_values,
+                image_grid_thw=inputs.image_grid_thw,
+                mm_token_type_ids=inputs.mm_token_type_ids,
+                use_cache=recorded is None,
+                **{_CACHE_KWARG: cache if recorded is None else None},
+            )
         hidden = out.last_hidden_state  # (B, L, D), after the final norm
 
         # next-token loss only where the next token is labelled (reasoning + closing token)
@@ -225,7 +229,8 @@ class VLAPolicy(nn.Module):
         language_loss = (per_scene / counts).mean()
 
         action_position = position_ids.masked_fill(~mask, 0).amax(dim=(0, 2)) + 1  # (B,)
-        keys, values = self._prefix_kv(cache, action_position, hidden.device)
+        keys, values = self._prefix_kv(cache if recorded is None else recorded,
+                                       action_position, hidden.device)
         return Prefix(
             keys=keys,
             values=values,

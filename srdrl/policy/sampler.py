@@ -77,11 +77,24 @@ def _autocast(device: torch.device, state: tuple[bool, torch.dtype]):
 
 
 def _param_pointers(policy: VLAPolicy) -> tuple:
+    """What a captured loop depends on besides its static inputs: data pointer and dtype of
+    every parameter and buffer the expert and projections read (recursively, so the
+    lora_A/lora_B weights peft adds inside the expert's layers are included), and the
+    Python-side switches that change which kernels get recorded: each module's training
+    flag (dropout) and, on a peft LoRA layer, merged / disabled / active adapters / scaling.
+    A change in any of them forces a new capture."""
     modules = (policy.expert, policy.action_in_proj, policy.action_out_proj)
     tensors = itertools.chain.from_iterable(
         itertools.chain(m.parameters(), m.buffers()) for m in modules
     )
-    return tuple((t.data_ptr(), t.dtype) for t in tensors)
+    switches = tuple(
+        (sub.training, *(
+            (tuple(sub.merged_adapters), sub.disable_adapters, tuple(sub.active_adapters),
+             tuple(sorted(sub.scaling.items())))
+            if hasattr(sub, "merged_adapters") else ()))
+        for m in modules for sub in m.modules()
+    )
+    return tuple((t.data_ptr(), t.dtype) for t in tensors), switches
 
 
 @dataclass
