@@ -17,6 +17,11 @@ import torch
 MIN_DEPTH = 0.1
 """A point is visible only when its camera-frame depth exceeds this (metres)."""
 
+ROTATION_TOLERANCE = 1e-3
+"""Largest entry of |R R^T - I| and largest |det R - 1| accepted for the rotation part of
+``T_cam_from_ego``: a rotation written to 4 decimals (as srdrl-make-data writes it) passes,
+a scaled or sheared matrix does not."""
+
 
 def camera_rotation(pitch_down_rad: float, dtype=torch.float64) -> torch.Tensor:
     """Rotation camera <- ego for a forward camera pitched down by ``pitch_down_rad``.
@@ -60,6 +65,74 @@ def default_camera(
     T[:3, :3] = R
     T[:3, 3] = -R @ centre
     return K, T
+
+
+class CameraError(ValueError):
+    """A camera that cannot be a pinhole camera. ``field`` names the bad part (``K``,
+    ``T_cam_from_ego``, ``width`` or ``height``); the message reads "<field> <problem>"."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def validate_camera(K, T_cam_from_ego, width: int, height: int) -> None:
+    """Check that ``K`` (3, 3), ``T_cam_from_ego`` (4, 4) and the image size describe a
+    pinhole camera this module can project with; raise ``CameraError`` naming the part.
+
+    Without these checks a zero or singular K sends every waypoint to pixel (0, 0), which
+    counts as visible, and a zero T puts every waypoint at depth 0, invisible.
+
+    - width, height: positive integers (pixels).
+    - K: finite, not all zero, last row [0, 0, 1], K[1][0] = 0 (upper triangular; a skew
+      K[0][1] is allowed), fx = K[0][0] > 0 and fy = K[1][1] > 0 (so K is invertible),
+      principal point (K[0][2], K[1][2]) inside the image or on its border:
+      -0.5 <= cx <= W - 0.5 and -0.5 <= cy <= H - 0.5 (pixel centres are at integers, so
+      the image's edges are at -0.5 and W - 0.5).
+    - T_cam_from_ego: finite, not all zero, last row [0, 0, 0, 1], rotation block R
+      orthonormal with det +1: max |R R^T - I| and |det R - 1| within ROTATION_TOLERANCE.
+    """
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CameraError(name, f"must be a positive integer (pixels), got {value!r}")
+    K = _checked_matrix(K, "K", 3)
+    T = _checked_matrix(T_cam_from_ego, "T_cam_from_ego", 4)
+    if K[2].tolist() != [0.0, 0.0, 1.0]:
+        raise CameraError("K", f"must have the last row [0, 0, 1], got {_row(K[2])}")
+    fx, fy, cx, cy = (float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]))
+    if fx <= 0 or fy <= 0:
+        raise CameraError("K", f"must have positive focal lengths, got fx = {fx:g} and "
+                               f"fy = {fy:g} (K is singular or mirrored)")
+    if float(K[1, 0]) != 0:
+        raise CameraError("K", f"must be upper triangular, got K[1][0] = {float(K[1, 0]):g}")
+    if not (-0.5 <= cx <= width - 0.5 and -0.5 <= cy <= height - 0.5):
+        raise CameraError("K", f"has its principal point ({cx:g}, {cy:g}) outside the "
+                               f"{width}x{height} image (K of another resolution?)")
+    if T[3].tolist() != [0.0, 0.0, 0.0, 1.0]:
+        raise CameraError("T_cam_from_ego", f"must have the last row [0, 0, 0, 1], got "
+                                            f"{_row(T[3])}")
+    R = T[:3, :3]
+    off = float((R @ R.T - torch.eye(3, dtype=R.dtype)).abs().max())
+    det = float(torch.linalg.det(R))
+    if off > ROTATION_TOLERANCE or abs(det - 1.0) > ROTATION_TOLERANCE:
+        raise CameraError("T_cam_from_ego", f"must hold a rotation (orthonormal, det +1, "
+                                            f"tolerance {ROTATION_TOLERANCE:g}), got "
+                                            f"max |R R^T - I| = {off:.3g}, det R = {det:.6g}")
+
+
+def _checked_matrix(m, name: str, n: int) -> torch.Tensor:
+    m = torch.as_tensor(m, dtype=torch.float64)
+    if tuple(m.shape) != (n, n):
+        raise CameraError(name, f"must be {n}x{n}, got shape {tuple(m.shape)}")
+    if not torch.isfinite(m).all():
+        raise CameraError(name, "contains NaN or inf")
+    if not m.any():
+        raise CameraError(name, "is all zeros")
+    return m
+
+
+def _row(row: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{x:g}" for x in row.tolist()) + "]"
 
 
 def _batch_broadcast(points: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:

@@ -41,21 +41,27 @@ class RewardConfig:
     """Reasoning alignment given when the reasoning states no intent."""
 
     def __post_init__(self):
+        # Written so that NaN fails every check: a comparison with NaN is False.
         for name in ("safety_reward_weight", "gt_reward_weight", "reasoning_reward_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.gt_trust_min <= self.gt_trust_max:
+            if not 0.0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name, what in (("danger_threshold", "a danger confidence"),
+                           ("unsafe_threshold", "a path-safety score"),
+                           ("neutral_alignment", "an alignment score")):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is {what}, in [0, 1]; got {getattr(self, name)}")
+        if not 0.0 <= self.gt_trust_min <= self.gt_trust_max <= 1.0:
             raise ValueError(
-                f"need 0 <= gt_trust_min <= gt_trust_max, got {self.gt_trust_min} and "
+                f"need 0 <= gt_trust_min <= gt_trust_max <= 1 (fractions of the label's "
+                f"reward; gt_reward_weight scales it), got {self.gt_trust_min} and "
                 f"{self.gt_trust_max}"
             )
-        if not 0.0 <= self.danger_threshold <= 1.0:
-            raise ValueError(f"danger_threshold is a confidence in [0, 1], got "
-                             f"{self.danger_threshold}")
-        if self.gt_sim_scale <= 0 or self.texture_scale <= 0 or self.colour_scale <= 0:
-            raise ValueError("gt_sim_scale, texture_scale and colour_scale must be positive")
-        if self.safety_patch_size < 1:
-            raise ValueError(f"safety_patch_size must be >= 1, got {self.safety_patch_size}")
+        for name in ("gt_sim_scale", "texture_scale", "colour_scale"):
+            if not 0.0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        patch = self.safety_patch_size
+        if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+            raise ValueError(f"safety_patch_size must be an integer >= 1 (pixels), got {patch!r}")
         if self.scoring_backend not in ("auto", "triton", "kornia", "reference"):
             raise ValueError(f"scoring_backend must be auto, triton, kornia or reference, got "
                              f"{self.scoring_backend!r}")

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from srdrl.cli import parse_config
 from srdrl.config import EvalConfig, RewardConfig
 from srdrl.data.dataset import DataError, JsonlDataset, collate
+from srdrl.errors import run_command
 from srdrl.footprint import VEHICLE_HALF_WIDTH, footprint_crosses
 from srdrl.gate_diagnostics import (  # noqa: F401 (re-exported: the CLI reports them)
     LabelScores,
@@ -349,9 +350,9 @@ def run(cfg: EvalConfig, rewards: RewardConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, rewards = parse_args(argv)
-    try:
-        run(cfg, rewards)
-    except (FileNotFoundError, DataError) as e:  # bad inputs: say which, no traceback
+    try:  # bad data (a UserError): one line, exit code 2, no traceback
+        run_command("srdrl-eval", lambda: run(cfg, rewards))
+    except FileNotFoundError as e:  # a path flag naming nothing: say which, no traceback
         raise SystemExit(f"srdrl-eval: error: {e}") from None
 
 

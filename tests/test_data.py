@@ -172,7 +172,8 @@ def test_minimal_record_defaults(tmp_path):
         (_good(ego_history_xyz=[[0.0, 0.0, 0.0]] * 15), r"data\.jsonl:2: field 'ego_history"),
         ({"frame_paths": ["f.png"], "trajectory": [[0, 0]] * 64},
          r"data\.jsonl:2: missing required field 'reasoning'"),
-        (_good(camera={"K": [[1, 0, 0]]}), r"data\.jsonl:2: 'camera' must hold"),
+        (_good(camera={"K": [[1, 0, 0]]}), r"data\.jsonl:2: field 'camera.T_cam_from_ego' is "
+                                           r"missing"),
     ],
     ids=["malformed", "not-object", "short", "nan", "inf", "history", "missing", "camera"],
 )
@@ -182,26 +183,36 @@ def test_bad_lines_name_file_and_line(tmp_path, line, message):
         JsonlDataset(path)
 
 
-def test_missing_image_names_its_path(tmp_path):
-    ds = JsonlDataset(_write(tmp_path, [_good(frame_paths=["nowhere/x.png"])]))
-    with pytest.raises(DataError, match=r"image not found: .*nowhere/x\.png"):
-        ds[0]
+def test_missing_image_fails_when_the_dataset_opens(tmp_path):
+    with pytest.raises(DataError, match=r"data\.jsonl:1: field 'frame_paths\[0\]' "
+                                        r"\(.*nowhere/x\.png\) does not exist"):
+        JsonlDataset(_write(tmp_path, [_good(frame_paths=["nowhere/x.png"])]))
 
 
 def test_image_size_must_match_camera(tmp_path):
     K, T = default_camera(64, 48)
     cam = {"K": K.tolist(), "T_cam_from_ego": T.tolist(), "width": 64, "height": 48}
-    ds = JsonlDataset(_write(tmp_path, [_good(camera=cam)], image_size=(40, 30)))
-    with pytest.raises(DataError, match=r"f\.png: image is 40x30 but its camera says 64x48"):
-        ds[0]
+    with pytest.raises(DataError, match=r"data\.jsonl:1: field 'camera.width'/'camera.height' "
+                                        r"say 64x48, but the images are 40x30"):
+        JsonlDataset(_write(tmp_path, [_good(camera=cam)], image_size=(40, 30)))
 
 
 def test_missing_file_and_empty_file(tmp_path):
-    with pytest.raises(DataError, match="data file not found"):
+    with pytest.raises(DataError, match="none.jsonl: no such file"):
         read_jsonl(tmp_path / "none.jsonl")
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no records"):
         read_jsonl(tmp_path / "e.jsonl")
+
+
+def test_generated_data_passes_the_checks_with_its_camera(tmp_path):
+    """srdrl-make-data's own output opens, and its camera is the one the renderer used."""
+    root = _make(tmp_path, num_scenes=12, frames=2)
+    ds = JsonlDataset(root / "train.jsonl")
+    assert all(r["camera"]["width"] == 64 and r["camera"]["height"] == 48 for r in ds.records)
+    K, T = default_camera(64, 48)
+    torch.testing.assert_close(ds[0]["K"], K.float(), atol=1e-4, rtol=0)  # rounded to 4 places
+    torch.testing.assert_close(ds[0]["T_cam_from_ego"], T.float(), atol=1e-4, rtol=0)
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):

@@ -267,7 +267,7 @@ def test_bad_inputs_name_the_path(run_dir, tmp_path, case):
     assert "srdrl-eval: error:" in str(e.value) and missing in str(e.value)
 
 
-def test_data_without_evaluation_fields(run_dir, tmp_path):
+def test_data_without_evaluation_fields(run_dir, tmp_path, capsys):
     record = json.loads((run_dir / "data" / "val.jsonl").read_text().splitlines()[0])
     keep = {"frame_paths", "reasoning", "trajectory", "camera", "ego_history_xyz"}
     record = {k: v for k, v in record.items() if k in keep}
@@ -276,5 +276,6 @@ def test_data_without_evaluation_fields(run_dir, tmp_path):
     path.write_text(json.dumps(record) + "\n")
     args = _args(run_dir, "--train_data_path", "none")
     args[3] = str(path)
-    with pytest.raises(SystemExit, match="no evaluation fields"):
+    with pytest.raises(SystemExit) as e:  # a DataError: one line on stderr, exit code 2
         main(args)
+    assert e.value.code == 2 and "no evaluation fields" in capsys.readouterr().err
