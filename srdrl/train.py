@@ -59,7 +59,7 @@ from srdrl.checkpoint import (
 )
 from srdrl.cli import parse_config
 from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig, config_summary
-from srdrl.data.dataset import JsonlDataset
+from srdrl.data.dataset import JsonlDataset, check_data_file
 from srdrl.data.loader import ResumableSampler, VLMCollate, ignore_sigint
 from srdrl.engine import (
     DivergenceGuard,
@@ -97,16 +97,6 @@ def parse_args(argv: list[str] | None = None):
 # --------------------------------------------------------------------------- set-up
 
 
-def _data_file(path: str, flag: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        hint = f"; did you mean {p / 'train.jsonl'}?" if (p / "train.jsonl").is_file() else ""
-        raise UserError(f"{flag} {p} is a directory; give the JSONL file{hint}")
-    if not p.is_file():
-        raise UserError(f"{flag} {p} does not exist")
-    return p
-
-
 def prepare_data(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
     """The training and validation JSONL paths, generating synthetic data if none given."""
     if cfg.data_path is None:
@@ -121,9 +111,9 @@ def prepare_data(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
                                              seed=cfg.seed))
         torch.distributed.barrier()
         return root / "train.jsonl", root / "val.jsonl"
-    train = _data_file(cfg.data_path, "--data_path")
+    train = check_data_file(cfg.data_path, "--data_path")
     if cfg.eval_data_path:
-        return train, _data_file(cfg.eval_data_path, "--eval_data_path")
+        return train, check_data_file(cfg.eval_data_path, "--eval_data_path")
     val = train.with_name("val.jsonl")
     return train, (val if val.is_file() and val != train else None)
 
