@@ -166,10 +166,14 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, rank: int) -
     the path."""
     out = Path(out)
     used = [name for name in RUN_OUTPUTS if _holds_something(out / name)]
+    refused = None
     if used and not (resume or overwrite):
-        raise CheckpointError(
-            f"output_dir {out} already holds a run ({', '.join(used)}); pass --resume to "
-            f"continue it or --overwrite_output_dir to replace it (data/ is kept)")
+        refused = (f"output_dir {out} already holds a run ({', '.join(used)}); pass --resume "
+                   f"to continue it or --overwrite_output_dir to replace it (data/ is kept)")
+    # every rank looks before any rank probes or removes (a probe is a file in checkpoints/)
+    refused = _agree(refused)
+    if refused is not None:
+        raise CheckpointError(refused)
     if used and overwrite and not resume:
         def remove_run():
             for name in used:
