@@ -57,7 +57,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bf16_matmul_peak, device_info, time_cuda, write_json  # noqa: E402
+from common import (  # noqa: E402
+    bf16_matmul_peak,
+    device_info,
+    time_cuda,
+    training_step,
+    write_json,
+)
 
 REAL_SIZE = dict(
     vocab_size=151936, text_hidden_size=4096, text_intermediate_size=12288, num_layers=36,
@@ -248,9 +254,8 @@ def main(argv=None) -> int:
         return 1
     from srdrl.data.dataset import JsonlDataset, collate
     from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
-    from srdrl.engine import init_distributed, train_step
+    from srdrl.engine import init_distributed
     from srdrl.policy.model import VLM_INPUTS_KEY
-    from srdrl.policy.noise import SceneNoise
     from srdrl.timing import SectionTimer
 
     _, _, device = init_distributed()
@@ -267,13 +272,7 @@ def main(argv=None) -> int:
     prefix_tokens = int(batch[VLM_INPUTS_KEY].input_ids.shape[1])
     image_tokens = int(batch[VLM_INPUTS_KEY].mm_token_type_ids.sum()) // args.scenes
     timer = SectionTimer(cuda=cuda)
-    counter = {"i": 0}
-
-    def one_step():
-        i = counter["i"]
-        counter["i"] += 1
-        noise = SceneNoise(list(range(i * args.scenes, (i + 1) * args.scenes)))
-        train_step(engine, batch, noise, timer)
+    one_step = training_step(engine, batch, args.scenes, timer)
 
     for _ in range(args.warmup):
         one_step()

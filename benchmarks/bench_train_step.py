@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, time_cuda, write_json  # noqa: E402
+from common import device_info, time_cuda, training_step, write_json  # noqa: E402
 
 VARIANTS = ("zero2_graph", "zero2_eager", "zero3", "original")
 
@@ -77,10 +77,9 @@ def run_variant(name, args, batch, texts):
     import deepspeed
 
     from srdrl.config import ObjectiveConfig, RewardConfig
-    from srdrl.engine import SRDRLModule, train_step
+    from srdrl.engine import SRDRLModule
     from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer, sample_trajectories
     from srdrl.policy.model import VLM_INPUTS_KEY
-    from srdrl.policy.noise import SceneNoise
     from srdrl.timing import SectionTimer
 
     stage = 3 if name == "zero3" else 2
@@ -102,13 +101,7 @@ def run_variant(name, args, batch, texts):
     # As in training, the DataLoader's workers build the VLM inputs ahead of the step.
     batch = {**batch, VLM_INPUTS_KEY: module.policy.input_builder(batch)}
     timer = SectionTimer()
-    step = {"i": 0}
-
-    def one_step():
-        i = step["i"]
-        step["i"] += 1
-        noise = SceneNoise(list(range(i * args.scenes, (i + 1) * args.scenes)))
-        train_step(engine, batch, noise, timer)
+    one_step = training_step(engine, batch, args.scenes, timer)
 
     for _ in range(args.warmup):
         one_step()

@@ -42,6 +42,11 @@ interpolation; the one sample when there is one), and ``summary(unit="s", percen
     installed, and "python". Versions come from the module when it is already imported,
     else from its package metadata, so asking never imports deepspeed or transformers.
 
+``training_step(engine, batch, num_scenes, timer) -> Callable[[], None]``
+    A callable that runs one ``srdrl.engine.train_step`` on ``batch`` with fresh per-scene
+    noise on each call (scene numbers counted on), its phases timed by ``timer``; what
+    the training-step benchmarks time.
+
 ``write_json(name, payload) -> Path``
     Writes ``payload`` as indented JSON to ``$OUT/<name>`` (``.json`` appended if missing;
     ``OUT`` defaults to ./bench_out, created if needed) and returns that path.
@@ -176,3 +181,19 @@ def write_json(name: str, payload) -> Path:
     path = out_dir / (name if name.endswith(".json") else f"{name}.json")
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def training_step(engine, batch: dict, num_scenes: int, timer) -> Callable[[], None]:
+    """See the module docstring."""
+    from srdrl.engine import train_step
+    from srdrl.policy.noise import SceneNoise
+
+    calls = [0]
+
+    def step() -> None:
+        i = calls[0]
+        calls[0] += 1
+        noise = SceneNoise(list(range(i * num_scenes, (i + 1) * num_scenes)))
+        train_step(engine, batch, noise, timer)
+
+    return step
