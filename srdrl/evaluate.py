@@ -60,6 +60,11 @@ SCENES_FILE = "eval_scenes.jsonl"
 
 
 def crosses_any_hazard(trajectory: np.ndarray, hazards: list[dict]) -> bool:
+    """Whether the path enters a hazard. A path with a NaN or infinite coordinate counts as
+    crossing: a policy that outputs no usable path has failed, whatever the scene holds
+    (the footprint test alone would find no point inside anything and call it safe)."""
+    if not np.isfinite(trajectory[..., :2]).all():
+        return True
     return any(footprint_crosses(trajectory, np.asarray(h["footprint"])) for h in hazards)
 
 
@@ -92,7 +97,7 @@ def evaluate_scenes(
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, list] = {k: [] for k in (
         "crosses", "label_crosses", "in_path", "ade", "fde", "min_ade", "ade_to_label",
-        "aligned", "stated", "peak_accel", "peak_jerk", "in_bounds")}
+        "aligned", "stated", "peak_accel", "peak_jerk", "in_bounds", "non_finite")}
     scenes: list[dict] = []
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
@@ -115,6 +120,7 @@ def evaluate_scenes(
         rows["peak_accel"] += c["peak_accel"].tolist()
         rows["peak_jerk"] += c["peak_jerk"].tolist()
         rows["in_bounds"] += c["in_bounds"].float().mean((-2, -1)).tolist()
+        rows["non_finite"] += (~torch.isfinite(pred).all(-1).all(-1)).tolist()
         for b, ev in enumerate(batch["eval"]):
             hazards = ev.get("hazards", [])
             rows["crosses"].append(crosses_any_hazard(pred[b].numpy(), hazards))
@@ -139,6 +145,7 @@ def evaluate_scenes(
         "num_samples": num_samples,
         "vehicle_half_width_m": VEHICLE_HALF_WIDTH,
         "hazard_crossing_rate": float(r["crosses"].mean()),
+        "non_finite_predictions": int(r["non_finite"].sum()),
         "hazard_crossing_rate_in_path_scenes": mean_or_none(r["crosses"][~free]),
         "label_hazard_crossing_rate": float(r["label_crosses"].mean()),
         "ade": float(r["ade"].mean()),
@@ -182,6 +189,9 @@ def print_summary(report: dict) -> None:
     print(f"  hazard crossing rate   {fmt(report['hazard_crossing_rate'])} "
           f"(labels: {fmt(report['label_hazard_crossing_rate'])}; scenes with a hazard in "
           f"the way: {fmt(report['hazard_crossing_rate_in_path_scenes'])})")
+    if report["non_finite_predictions"]:
+        print(f"  NON-FINITE predictions {report['non_finite_predictions']} (counted as "
+              "crossing)")
     print(f"  ADE / FDE to clean     {fmt(report['ade'])} / {fmt(report['fde'])} m "
           f"(hazard-free scenes: {fmt(report['ade_hazard_free'])} / "
           f"{fmt(report['fde_hazard_free'])} m; min-ADE over samples {fmt(report['min_ade'])})")

@@ -118,6 +118,23 @@ def test_evaluate_policy_as_train_calls_it(run_dir):
     evaluate.print_summary(report)
 
 
+def test_non_finite_predictions_count_as_crossing(run_dir, capsys):
+    """A policy whose paths are NaN fails every scene (it used to score crossing 0.000)."""
+    policy = VLAPolicy.from_pretrained(run_dir / "policy")
+    with torch.no_grad():
+        policy.action_out_proj.bias.fill_(float("nan"))
+    report = evaluate_policy(policy, JsonlDataset(run_dir / "data" / "val.jsonl"),
+                             num_samples=2, rewards=RewardConfig(), progress=False)
+    assert report["non_finite_predictions"] == report["scenes"] == 3
+    assert report["hazard_crossing_rate"] == 1.0
+    evaluate.print_summary(report)
+    assert "NON-FINITE predictions 3 (counted as crossing)" in capsys.readouterr().out
+    path = np.zeros((64, 3))
+    assert not evaluate.crosses_any_hazard(path, [])
+    path[5, 1] = np.inf
+    assert evaluate.crosses_any_hazard(path, [])
+
+
 # --------------------------------------------------------------------------- gate
 
 
