@@ -261,6 +261,9 @@ class EvalConfig:
     """Sampling temperature of the generated reasoning; 0 is greedy decoding."""
     top_p: float = 1.0
     """Nucleus (top-p) of the generated reasoning's sampling, when temperature > 0."""
+    compile_decode: bool = False
+    """On GPU, generate with a static KV cache and a torch.compile'd decode step replayed
+    from CUDA graphs (transformers' own); the first batch of each shape compiles."""
 
     def __post_init__(self):
         modes = ("generated", "oracle", "none")

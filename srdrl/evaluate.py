@@ -154,6 +154,7 @@ def evaluate_scenes(
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    compile_decode: bool = False,
 ) -> tuple[dict, list[dict]]:
     """The report of :func:`evaluate_policy` and one row per scene for the first mode on the
     scenes' own frames at the first seed (its K trajectories under ``predictions``, (K, T, 3)
@@ -180,7 +181,8 @@ def evaluate_scenes(
                     if mode == "generated" and (reasoning is None or temperature > 0):
                         text_noise = SceneNoise([scene_seed(s, i, 1) for i in batch["index"]])
                         reasoning = generate_reasoning(policy, seen, max_new_tokens,
-                                                       temperature, top_p, text_noise)
+                                                       temperature, top_p, text_noise,
+                                                       compile_decode)
                         prefix = None
                     if prefix is None:
                         prefix = reasoning_prefix(policy, seen, mode, reasoning)
@@ -222,7 +224,7 @@ def evaluate_policy(policy: VLAPolicy, dataset: JsonlDataset, num_samples: int =
                     progress: bool = True, **options) -> dict:
     """Sample ``num_samples`` trajectories per scene in each reasoning mode and compare them
     with the clean ones; ``options`` are those of :func:`evaluate_scenes` (modes,
-    num_seeds, image_ablation, max_new_tokens, temperature, top_p)."""
+    num_seeds, image_ablation, max_new_tokens, temperature, top_p, compile_decode)."""
     return evaluate_scenes(policy, dataset, num_samples, batch_size, seed, rewards,
                            progress, **options)[0]
 
@@ -357,7 +359,7 @@ def run(cfg: EvalConfig, rewards: RewardConfig) -> dict:
         policy, val, cfg.num_samples, cfg.batch_size, cfg.seed, rewards, progress=True,
         modes=tuple(cfg.reasoning_modes), num_seeds=cfg.num_seeds,
         image_ablation=cfg.image_ablation, max_new_tokens=cfg.max_new_tokens or None,
-        temperature=cfg.temperature, top_p=cfg.top_p)
+        temperature=cfg.temperature, top_p=cfg.top_p, compile_decode=cfg.compile_decode)
     with open(out / SCENES_FILE, "w") as f:
         for s in scenes:
             f.write(json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v

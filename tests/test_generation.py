@@ -246,3 +246,16 @@ def test_generation_on_cuda_in_bf16_matches_batching():
     ref = sample_trajectories(policy, batch, 2, generator=SceneNoise([1, 2, 3]),
                               prefix=reasoning_prefix(policy, batch, "generated", out))
     torch.testing.assert_close(actions, ref[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_cuda
+def test_compiled_decode_writes_the_eager_tokens_on_cuda():
+    """Static cache + transformers' compiled decode step (CUDA graphs) in float32 gives the
+    tokens of the eager dynamic-cache decode."""
+    policy = untrained_policy().to("cuda")
+    batch = make_batch()
+    eager = generate_reasoning(policy, batch, 8).token_ids
+    assert generate_reasoning(policy, batch, 8, compile_decode=True).token_ids == eager
+    assert generate_reasoning(policy, batch, 8, compile_decode=True).token_ids == eager

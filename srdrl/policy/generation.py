@@ -35,9 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from srdrl.policy.inputs import PromptInputs
 from srdrl.policy.model import Prefix, VLAPolicy
 from srdrl.policy.sampler import sample_trajectories
 from srdrl.policy.tokenizer import IM_END, TRAJ_FUTURE_START
@@ -98,40 +99,19 @@ def _scene_generators(generator):
     return list(generator.generators) if hasattr(generator, "generators") else generator
 
 
-@torch.no_grad()
-def generate_reasoning(
-    policy: VLAPolicy,
-    batch: dict,
-    max_new_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator=None,
-) -> GeneratedReasoning:
-    """The policy's reasoning for each scene of ``batch`` (images, ego history).
+def stop_token_ids(policy: VLAPolicy) -> list[int]:
+    """Ids of ``<|im_end|>`` and ``<|traj_future_start|>``, where a row's reasoning ends."""
+    return [policy.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
 
-    ``temperature`` 0 is greedy (the default; no randomness). Above 0 the next token is
-    drawn from softmax(logits / temperature) within the top-p nucleus, with noise from
-    ``generator``: a ``SceneNoise`` (per-scene streams: the same text for a scene in any
-    batch), a ``torch.Generator``, or None (global RNG). ``max_new_tokens`` defaults to the
-    policy's ``max_reasoning_tokens``. The VLM runs in eval mode (a KV cache even where
-    gradient checkpointing is on for training).
-    """
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, "
-                         f"{top_p}")
-    limit = policy.config.max_reasoning_tokens if max_new_tokens is None else max_new_tokens
-    if limit < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
-    tokenizer = policy.tokenizer
-    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
-    prompt = policy.input_builder.prompt(batch).to(policy.device)
-    length = prompt.input_ids.shape[1]
-    processors = LogitsProcessorList()
-    if temperature > 0:
-        processors.append(TemperatureLogitsWarper(temperature))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-        processors.append(GumbelSampling(_scene_generators(generator), length, stop_ids))
+
+@torch.no_grad()
+def generate_tokens(policy: VLAPolicy, prompt: PromptInputs, max_new_tokens: int,
+                    **options) -> torch.Tensor:
+    """``policy.vlm.generate`` continuing a prepared prompt, greedy, stopping rows at the
+    stop tokens: the new tokens (B, n), pad after a row's stop. The VLM runs in eval mode
+    (a KV cache even where gradient checkpointing is on for training). ``options`` go to
+    ``generate`` as they are (a logits processor; ``cache_implementation="static"`` and a
+    ``compile_config`` for a compiled decode step, as the benchmark does)."""
     vlm = policy.vlm
     was_training = vlm.training
     vlm.eval()
@@ -142,20 +122,64 @@ def generate_reasoning(
             mm_token_type_ids=prompt.mm_token_type_ids,
             pixel_values=prompt.pixel_values,
             image_grid_thw=prompt.image_grid_thw,
-            max_new_tokens=limit,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
-            logits_processor=processors,
-            eos_token_id=stop_ids,
+            eos_token_id=stop_token_ids(policy),
             pad_token_id=policy.input_builder.pad_id,
             use_cache=True,
+            **options,
         )
     finally:
         vlm.train(was_training)
         # generate leaves the batch's M-RoPE offsets on the model; drop them so that no
         # later forward without explicit positions picks them up
         vlm.model.rope_deltas = None
+    return sequences[:, prompt.input_ids.shape[1]:]
+
+
+@torch.no_grad()
+def generate_reasoning(
+    policy: VLAPolicy,
+    batch: dict,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator=None,
+    compile_decode: bool = False,
+) -> GeneratedReasoning:
+    """The policy's reasoning for each scene of ``batch`` (images, ego history).
+
+    ``temperature`` 0 is greedy (the default; no randomness). Above 0 the next token is
+    drawn from softmax(logits / temperature) within the top-p nucleus, with noise from
+    ``generator``: a ``SceneNoise`` (per-scene streams: the same text for a scene in any
+    batch), a ``torch.Generator``, or None (global RNG). ``max_new_tokens`` defaults to the
+    policy's ``max_reasoning_tokens``. ``compile_decode`` (CUDA): a static KV cache and
+    transformers' torch.compile of the decode step in "reduce-overhead" mode (CUDA graphs);
+    the first call of each batch shape compiles (see benchmarks/bench_generation.py).
+    """
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, "
+                         f"{top_p}")
+    limit = policy.config.max_reasoning_tokens if max_new_tokens is None else max_new_tokens
+    if limit < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
+    tokenizer = policy.tokenizer
+    stop_ids = stop_token_ids(policy)
+    prompt = policy.input_builder.prompt(batch).to(policy.device)
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(GumbelSampling(_scene_generators(generator),
+                                         prompt.input_ids.shape[1], stop_ids))
+    options = {}
+    if compile_decode and prompt.input_ids.is_cuda:
+        options = {"cache_implementation": "static",
+                   "compile_config": CompileConfig(mode="reduce-overhead")}
+    new_tokens = generate_tokens(policy, prompt, limit, logits_processor=processors, **options)
     token_ids, stopped = [], []
-    for row in sequences[:, length:].tolist():
+    for row in new_tokens.tolist():
         ends = [i for i, t in enumerate(row) if t in stop_ids]
         stopped.append(bool(ends))
         token_ids.append(row[: ends[0]] if ends else row)
