@@ -177,11 +177,11 @@ def _cell(summary: dict, key: str) -> str:
 
 
 def _table(columns: dict[str, dict]) -> list[str]:
-    lines = ["  " + " " * 26 + "".join(f"{name:>16}" for name in columns)]
+    lines = ["  " + " " * 26 + "".join(f"{name:>18}" for name in columns)]
     for label, key in _ROWS:
         cells = [_cell(s, key) for s in columns.values()]
         if any(c != "n/a" for c in cells):
-            lines.append(f"  {label:26s}" + "".join(f"{c:>16}" for c in cells))
+            lines.append(f"  {label:26s}" + "".join(f"{c:>18}" for c in cells))
     return lines
 
 

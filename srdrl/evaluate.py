@@ -180,9 +180,9 @@ def evaluate_scenes(
                 for s in seeds:
                     if mode == "generated" and (reasoning is None or temperature > 0):
                         text_noise = SceneNoise([scene_seed(s, i, 1) for i in batch["index"]])
-                        reasoning = generate_reasoning(policy, seen, max_new_tokens,
-                                                       temperature, top_p, text_noise,
-                                                       compile_decode)
+                        reasoning = generate_reasoning(
+                            policy, seen, max_new_tokens, temperature, top_p,
+                            generator=text_noise, compile_decode=compile_decode)
                         prefix = None
                     if prefix is None:
                         prefix = reasoning_prefix(policy, seen, mode, reasoning)
