@@ -139,6 +139,13 @@ class FrameAblation:
 # --------------------------------------------------------------------------- evaluation
 
 
+def texts_read(mode: str, batch: dict, reasoning) -> list[str]:
+    """The reasoning the expert read in ``mode``: generated, the dataset's, or none."""
+    if mode == "generated":
+        return reasoning.texts
+    return list(batch["reasoning_text"]) if mode == "oracle" else [""] * len(batch["index"])
+
+
 @torch.no_grad()
 def evaluate_scenes(
     policy: VLAPolicy,
@@ -189,11 +196,12 @@ def evaluate_scenes(
                     noise = SceneNoise([scene_seed(s, i) for i in batch["index"]])
                     actions, trajs = sample_trajectories(policy, seen, num_samples,
                                                          generator=noise, prefix=prefix)
-                    texts = (reasoning.texts if mode == "generated" else
-                             list(batch["reasoning_text"]) if mode == "oracle" else
-                             [""] * len(batch["index"]))
-                    rows[variant, mode, s] += scene_rows(policy, batch, actions, trajs, texts,
-                                                         neutral)
+                    new = scene_rows(policy, batch, actions, trajs,
+                                     texts_read(mode, batch, reasoning), neutral)
+                    if (variant, mode, s) != ("camera", modes[0], seeds[0]):
+                        for row in new:  # only the pictures' rows keep their paths
+                            del row["predictions"]
+                    rows[variant, mode, s] += new
     policy.train(was_training)
 
     def aggregate(variant, mode):
