@@ -385,8 +385,9 @@ def plot_image_ablation(evaluation: dict, out: str | Path) -> Path:
                 seeds = [s[key] for s in summary["per_seed"] if s[key] is not None]
                 mean = float(np.mean(seeds)) if seeds else np.nan
                 means.append(mean)
-                low.append(mean - min(seeds) if seeds else 0.0)
-                high.append(max(seeds) - mean if seeds else 0.0)
+                # max(0, .): the mean of equal values can round past them
+                low.append(max(0.0, mean - min(seeds)) if seeds else 0.0)
+                high.append(max(0.0, max(seeds) - mean) if seeds else 0.0)
             if np.isfinite(means).any():
                 label = f"{mode} (diagnostic)" if mode == "oracle" else mode
                 ax.bar(np.arange(len(variants)) + (j - (len(modes) - 1) / 2) * width, means,

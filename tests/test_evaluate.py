@@ -415,6 +415,20 @@ def test_without_matplotlib_the_message_says_how(monkeypatch):
         visualize.pyplot()
 
 
+def test_image_ablation_chart_with_equal_seeds(tmp_path):
+    """Three seeds of 0.35 average to a hair above 0.35: the whiskers must not go negative."""
+    pytest.importorskip("matplotlib")
+    keys = [key for key, _ in visualize.ABLATION_PANELS]
+    summary = {"per_seed": [{key: 0.35 for key in keys} for _ in range(3)]}
+    no_text = {"per_seed": [{**{key: 0.35 for key in keys}, keys[1]: None}] * 3}
+    modes = {"generated": summary, "none": no_text}
+    report = {"scenes": 5, "seeds": [0, 1, 2], "modes": modes,
+              "image_ablation": {"frames": {"camera": "", "hazard_free_road": ""},
+                                 "hazard_free_road": modes}}
+    path = visualize.plot_image_ablation(report, tmp_path / "ablation.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_training_curves_keep_the_latest_row_per_step(run_dir):
     rows = visualize.read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
