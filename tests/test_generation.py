@@ -12,9 +12,11 @@ from srdrl.policy.generation import (
     generate_reasoning,
     reasoning_prefix,
     sample_with_reasoning,
+    stop_token_ids,
+    unwritable_token_ids,
 )
 from srdrl.policy.noise import SceneNoise
-from srdrl.policy.tokenizer import IM_END, TRAJ_FUTURE_START
+from srdrl.policy.tokenizer import IM_END, SPECIAL_TOKENS, TRAJ_FUTURE_START
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -100,25 +102,32 @@ def test_prompt_is_the_teacher_forced_sequence_up_to_the_answer():
 
 def test_greedy_generation_equals_a_cache_free_decode():
     """The batched, cached, left-padded generate gives the tokens of a loop that runs the
-    whole sequence through the VLM again for every token, one scene at a time."""
+    whole sequence through the VLM again for every token, one scene at a time (and never
+    picks a token reasoning cannot contain)."""
     policy = untrained_policy()
     batch = make_batch()
     out = generate_reasoning(policy, batch, max_new_tokens=6)
-    assert out.stopped == [False] * 3 and all(len(t) == 6 for t in out.token_ids)
     builder = policy.input_builder
+    stops = stop_token_ids(policy)
     for b in range(3):
         prompt = builder.prompt(scene(batch, b))
         ids = prompt.input_ids[prompt.attention_mask.bool()].view(1, -1)
-        for _ in range(6):
+        written = []
+        while len(written) < 6 and not (written and written[-1] in stops):
             with torch.no_grad():
                 logits = policy.vlm(
                     input_ids=ids, attention_mask=torch.ones_like(ids),
                     mm_token_type_ids=(ids == builder.image_pad_id).int(),
                     pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
                     use_cache=False).logits
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            last = logits[:, -1].clone()
+            last[:, unwritable_token_ids(policy)] = float("-inf")
+            written.append(int(last.argmax()))
+            ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
         policy.vlm.model.rope_deltas = None
-        assert ids[0, -6:].tolist() == out.token_ids[b], b
+        stopped = written[-1] in stops
+        assert out.stopped[b] == stopped and out.token_ids[b] == written[:-1 if stopped else 6]
+    assert sum(len(t) for t in out.token_ids) >= 6  # the comparison saw real decoding
 
 
 def test_trained_policy_stops_at_either_end_token(trained):
@@ -259,3 +268,25 @@ def test_compiled_decode_writes_the_eager_tokens_on_cuda():
     eager = generate_reasoning(policy, batch, 8).token_ids
     assert generate_reasoning(policy, batch, 8, compile_decode=True).token_ids == eager
     assert generate_reasoning(policy, batch, 8, compile_decode=True).token_ids == eager
+
+
+def test_reasoning_never_contains_special_or_unknown_tokens():
+    """With every logit equal, greedy decoding takes the first allowed id, <|im_end|> (the
+    pad and <|im_start|> before it are suppressed), and sampling draws uniformly from the
+    allowed ids only: never an <|image_pad|>, which would corrupt the prefix, nor an id
+    the tokenizer cannot decode."""
+    policy = untrained_policy()
+    with torch.no_grad():
+        policy.vlm.lm_head.weight.zero_()
+    batch = make_batch()
+    greedy = generate_reasoning(policy, batch, 8)
+    assert greedy.token_ids == [[], [], []] and greedy.stopped == [True] * 3
+    sampled = generate_reasoning(policy, batch, 12, temperature=1.0,
+                                 generator=SceneNoise([1, 2, 3]))
+    ids = [t for row in sampled.token_ids for t in row]
+    specials = {policy.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    assert ids and not set(ids) & specials and max(ids) < len(policy.tokenizer)
+    assert len(policy.tokenizer) < policy.config.vocab_size  # unknown ids were possible
+    actions, _, _ = sample_with_reasoning(policy, batch, 2, steps=2, max_new_tokens=12,
+                                          temperature=1.0, text_generator=SceneNoise([1, 2, 3]))
+    assert torch.isfinite(actions).all()

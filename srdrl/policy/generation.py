@@ -41,7 +41,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from srdrl.policy.inputs import PromptInputs
 from srdrl.policy.model import Prefix, VLAPolicy
 from srdrl.policy.sampler import sample_trajectories
-from srdrl.policy.tokenizer import IM_END, TRAJ_FUTURE_START
+from srdrl.policy.tokenizer import IM_END, SPECIAL_TOKENS, TRAJ_FUTURE_START
 
 REASONING_MODES = ("generated", "oracle", "none")
 """generated: the policy's own text (inference, the honest mode); oracle: the dataset's
@@ -104,11 +104,21 @@ def stop_token_ids(policy: VLAPolicy) -> list[int]:
     return [policy.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
 
 
+def unwritable_token_ids(policy: VLAPolicy) -> list[int]:
+    """Ids reasoning never contains, suppressed in generation: the special tokens other than
+    the stop tokens (an ``<|image_pad|>`` in the text would be taken for an image token when
+    the prefix is encoded) and the embedding rows past the tokenizer's vocabulary."""
+    stops = set(stop_token_ids(policy))
+    special = {policy.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS} - stops
+    return sorted(special | set(range(len(policy.tokenizer), policy.config.vocab_size)))
+
+
 @torch.no_grad()
 def generate_tokens(policy: VLAPolicy, prompt: PromptInputs, max_new_tokens: int,
                     **options) -> torch.Tensor:
     """``policy.vlm.generate`` continuing a prepared prompt, greedy, stopping rows at the
-    stop tokens: the new tokens (B, n), pad after a row's stop. The VLM runs in eval mode
+    stop tokens and never writing ``unwritable_token_ids``: the new tokens (B, n), pad
+    after a row's stop. The VLM runs in eval mode
     (a KV cache even where gradient checkpointing is on for training). ``options`` go to
     ``generate`` as they are (a logits processor; ``cache_implementation="static"`` and a
     ``compile_config`` for a compiled decode step, as the benchmark does)."""
@@ -126,6 +136,7 @@ def generate_tokens(policy: VLAPolicy, prompt: PromptInputs, max_new_tokens: int
             do_sample=False,
             eos_token_id=stop_token_ids(policy),
             pad_token_id=policy.input_builder.pad_id,
+            suppress_tokens=unwritable_token_ids(policy),
             use_cache=True,
             **options,
         )
