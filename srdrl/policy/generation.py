@@ -6,7 +6,8 @@ Two stages (docs/DESIGN.md, "Reasoning generation"):
    ``<|im_start|>assistant\\n``; left-padded) with ``policy.vlm.generate``: batched, one KV
    cache, M-RoPE positions from ``mm_token_type_ids``/``image_grid_thw`` (transformers
    keeps the per-row position offsets of a left-padded batch), stopping a row at
-   ``<|im_end|>`` or ``<|traj_future_start|>`` or after ``max_new_tokens``.
+   ``<|im_end|>`` or ``<|traj_future_start|>`` or after ``max_new_tokens``, never writing
+   another special token (``unwritable_token_ids``).
 2. ``reasoning_prefix``: the prefix the expert reads is the teacher-forced layout with the
    generated token ids where the dataset's reasoning goes (``VLMInputBuilder.with_reasoning``)
    encoded by ``policy.encode_prefix``; the expert then denoises against it as in training.
