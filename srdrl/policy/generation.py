@@ -33,10 +33,16 @@ Temperature and top-p are transformers' own warpers, applied before the noise.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    CompileConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from srdrl.policy.inputs import PromptInputs
@@ -50,6 +56,10 @@ text teacher-forced (what training conditions on; a diagnostic at evaluation, si
 synthetic text states the answer); none: no reasoning in the prefix at all."""
 
 STOP_TOKENS = (IM_END, TRAJ_FUTURE_START)
+# transformers before mm_token_type_ids existed found image tokens by id, and generate
+# rejects a keyword the model's forward does not declare: pass it where it is declared
+_FORWARD_TAKES_TYPES = "mm_token_type_ids" in inspect.signature(
+    Qwen3VLForConditionalGeneration.forward).parameters
 
 
 @dataclass
@@ -124,13 +134,14 @@ def generate_tokens(policy: VLAPolicy, prompt: PromptInputs, max_new_tokens: int
     ``generate`` as they are (a logits processor; ``cache_implementation="static"`` and a
     ``compile_config`` for a compiled decode step, as the benchmark does)."""
     vlm = policy.vlm
+    if _FORWARD_TAKES_TYPES:
+        options["mm_token_type_ids"] = prompt.mm_token_type_ids
     was_training = vlm.training
     vlm.eval()
     try:
         sequences = vlm.generate(
             input_ids=prompt.input_ids,
             attention_mask=prompt.attention_mask,
-            mm_token_type_ids=prompt.mm_token_type_ids,
             pixel_values=prompt.pixel_values,
             image_grid_thw=prompt.image_grid_thw,
             max_new_tokens=max_new_tokens,
