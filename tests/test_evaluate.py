@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from srdrl import evaluate, visualize
-from srdrl.config import RewardConfig
+from srdrl.config import EvalConfig, RewardConfig
 from srdrl.data.dataset import JsonlDataset, collate
 from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
 from srdrl.evaluate import (
@@ -459,6 +459,22 @@ def test_bad_inputs_name_the_path(run_dir, tmp_path, case):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert "srdrl-eval: error:" in str(e.value) and missing in str(e.value)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("reasoning_modes", ["oracle", "dataset"], "reasoning_modes"),
+    ("reasoning_modes", ["none", "none"], "reasoning_modes"),
+    ("reasoning_modes", [], "reasoning_modes"),
+    ("num_seeds", 0, "num_seeds"),
+    ("temperature", -0.1, "temperature"),
+    ("top_p", 0.0, "top_p"),
+])
+def test_eval_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(policy="p", data_path="d.jsonl", **{field: value})
+    args = ["--policy", "p", "--data_path", "d.jsonl", "--reasoning_modes", "oracle", "generated"]
+    cfg, _ = evaluate.parse_args(args)
+    assert cfg.reasoning_modes == ["oracle", "generated"] and cfg.num_seeds == 3
 
 
 def test_data_without_evaluation_fields(run_dir, tmp_path):
