@@ -17,8 +17,9 @@ the sampler produced it from; the label's is ``traj_to_action`` of the label.
 Self-reflective rollouts (``rollout_reasoning = "generated"``): before sampling, the
 policy generates its own reasoning from the images (greedy unless a rollout temperature is
 set), the candidates are denoised against the prefix of prompt + that text, and the danger
-and intent rewards read it; the language loss still teacher-forces the dataset's text. The
-metrics then include how often the generated text states the dataset text's manoeuvre and
+and intent rewards read it; the language loss still teacher-forces the dataset's text, and
+the AWR term fits the chosen candidates under the step's own (teacher-forced, differentiable)
+prefix: the generated prefix only draws and scores them (no_grad). The metrics then include how often the generated text states the dataset text's manoeuvre and
 hazard side (``reasoning_manoeuvre_agreement``, ``reasoning_side_agreement``).
 
 ``rl_loss_weight = 0`` samples nothing and scores nothing (unless the trust gate scales
