@@ -118,6 +118,8 @@ def train_run(args, run_dir: Path, data: Path, steps: int, seed: int, flags: lis
             return {"error": done.returncode}
         print(f"  done {run_dir.name} in {time.time() - start:.0f} s", flush=True)
     report = json.loads(report.read_text())
+    # srdrl-eval nests metrics under their reasoning mode: read the headline's (generated)
+    report.update(report.get("modes", {}).get(report.get("headline_mode"), {}))
     report.update(training_tail(run_dir / "metrics.jsonl"))
     return {"report": report}
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -102,8 +102,23 @@ class ObjectiveConfig:
     """InfoNCE temperature."""
     use_cuda_graph: bool = True
     """Replay the sampler's Euler loop from a CUDA graph on GPU."""
+    rollout_reasoning: str = "dataset"
+    """What the RL candidates condition on, and what the danger and intent rewards read:
+    'dataset' (the data's reasoning, the seed's behaviour) or 'generated' (self-reflective:
+    the policy first writes its own reasoning from the images, under no_grad). The language
+    loss always teacher-forces the dataset's reasoning."""
+    rollout_temperature: float = 0.0
+    """Sampling temperature of the generated rollout reasoning; 0 is greedy decoding."""
+    rollout_top_p: float = 1.0
+    """Nucleus (top-p) of the generated rollout reasoning, when rollout_temperature > 0."""
 
     def __post_init__(self):
+        if self.rollout_reasoning not in ("dataset", "generated"):
+            raise ValueError(f"rollout_reasoning must be 'dataset' or 'generated', got "
+                             f"{self.rollout_reasoning!r}")
+        if self.rollout_temperature < 0 or not 0.0 < self.rollout_top_p <= 1.0:
+            raise ValueError(f"need rollout_temperature >= 0 and 0 < rollout_top_p <= 1, got "
+                             f"{self.rollout_temperature} and {self.rollout_top_p}")
         for name in ("traj_loss_weight", "rl_loss_weight", "consistency_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -264,9 +279,40 @@ class EvalConfig:
     pictures: int = 6
     """Scenes to draw; 0 draws no pictures."""
     seed: int = 0
-    """Seed of the sampling noise."""
+    """Seed of the sampling noise: scene i's trajectories start from noise keyed by (seed,
+    i), the same in every reasoning mode and frame variant."""
+    num_seeds: int = 3
+    """Evaluate with the noise seeds seed .. seed + num_seeds - 1; metrics are their mean,
+    the report gives each seed's values and the spread."""
+    reasoning_modes: list[str] = field(default_factory=lambda: ["generated", "oracle", "none"])
+    """Reasoning modes to report, side by side, the first being the headline: generated
+    (the policy writes its own reasoning), oracle (the dataset's text teacher-forced: a
+    diagnostic), none (no reasoning in the prefix)."""
+    image_ablation: bool = True
+    """Also evaluate with every scene's frames replaced by one hazard-free road and with
+    frames shuffled across scenes."""
+    max_new_tokens: int = 0
+    """Most reasoning tokens generated per scene; 0: the policy's max_reasoning_tokens."""
+    temperature: float = 0.0
+    """Sampling temperature of the generated reasoning; 0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus (top-p) of the generated reasoning's sampling, when temperature > 0."""
+    compile_decode: bool = False
+    """On GPU, generate with a static KV cache and a torch.compile'd decode step replayed
+    from CUDA graphs (transformers' own); the first batch of each shape compiles."""
 
     def __post_init__(self):
+        modes = ("generated", "oracle", "none")
+        if (not self.reasoning_modes or any(m not in modes for m in self.reasoning_modes)
+                or len(set(self.reasoning_modes)) != len(self.reasoning_modes)):
+            raise ValueError(f"reasoning_modes must be distinct values of {modes}, got "
+                             f"{self.reasoning_modes}")
+        if self.num_seeds < 1 or self.max_new_tokens < 0:
+            raise ValueError(f"num_seeds must be >= 1 and max_new_tokens >= 0, got "
+                             f"{self.num_seeds} and {self.max_new_tokens}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got "
+                             f"{self.temperature} and {self.top_p}")
         if self.num_samples < 1 or self.batch_size < 1 or self.pictures < 0:
             raise ValueError(f"num_samples and batch_size must be >= 1 and pictures >= 0, got "
                              f"{self.num_samples}, {self.batch_size} and {self.pictures}")

@@ -14,6 +14,15 @@ toward the chosen candidates' actions, with gradient through the expert (and thr
 prefix into the VLM unless the policy stops it). A sampled candidate's action is the one
 the sampler produced it from; the label's is ``traj_to_action`` of the label.
 
+Self-reflective rollouts (``rollout_reasoning = "generated"``): before sampling, the
+policy generates its own reasoning from the images (greedy unless a rollout temperature is
+set), the candidates are denoised against the prefix of prompt + that text, and the danger
+and intent rewards read it; the language loss still teacher-forces the dataset's text, and
+the AWR term fits the chosen candidates under the step's own (teacher-forced, differentiable)
+prefix: the generated prefix only draws and scores them (no_grad). The metrics then include
+how often the generated text states the dataset text's manoeuvre and hazard side
+(``reasoning_manoeuvre_agreement``, ``reasoning_side_agreement``).
+
 ``rl_loss_weight = 0`` samples nothing and scores nothing (unless the trust gate scales
 the supervised loss): the result is the supervised loss, bit for bit.
 
@@ -29,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from srdrl.config import ObjectiveConfig, RewardConfig
+from srdrl.policy.generation import generate_reasoning, reasoning_prefix
 from srdrl.policy.model import Prefix, VLAPolicy
 from srdrl.policy.sampler import sample_trajectories
+from srdrl.reasoning_facts import agreement
 from srdrl.rewards import RewardTerms, score_candidates
 from srdrl.timing import NULL_TIMER
 
@@ -101,13 +112,30 @@ def consistency_loss(heads: ConsistencyHeads, prefix: Prefix, traj_feat: torch.T
             + info_nce(lang, tr, temperature)) / 3.0
 
 
-def _score(scorer, batch, candidates, label, cfg: RewardConfig) -> RewardTerms:
+def _score(scorer, batch, candidates, label, cfg: RewardConfig, texts: list[str]
+           ) -> RewardTerms:
     device = candidates.device
     return scorer(
         batch["images"][:, -1].to(device), candidates, label,
         batch["ego_history_xyz"].to(device), batch["K"].to(device),
-        batch["T_cam_from_ego"].to(device), batch["reasoning_text"], cfg,
+        batch["T_cam_from_ego"].to(device), list(texts), cfg,
     )
+
+
+@torch.no_grad()
+def self_reflective_prefix(policy: VLAPolicy, batch: dict, cfg: ObjectiveConfig, generator
+                           ) -> tuple[Prefix, list[str], dict[str, torch.Tensor]]:
+    """The policy's own reasoning for the batch, the prefix of prompt + that reasoning, and
+    metrics (0-d tensors): the text's agreement with the dataset's and the share of scenes
+    whose generation ended at a stop token."""
+    reasoning = generate_reasoning(policy, batch, temperature=cfg.rollout_temperature,
+                                   top_p=cfg.rollout_top_p, generator=generator)
+    prefix = reasoning_prefix(policy, batch, "generated", reasoning)
+    agree = agreement(reasoning.texts, list(batch["reasoning_text"]))
+    agree["stopped"] = sum(reasoning.stopped) / len(reasoning.stopped)
+    metrics = {f"reasoning_{k}": torch.tensor(float(v), device=policy.device)
+               for k, v in agree.items()}
+    return prefix, reasoning.texts, metrics
 
 
 def srdrl_loss(
@@ -117,18 +145,17 @@ def srdrl_loss(
     cfg: ObjectiveConfig,
     reward_cfg: RewardConfig,
     generator: torch.Generator | None = None,
-    samples: tuple[torch.Tensor, torch.Tensor] | None = None,
     timer=NULL_TIMER,
     sample_candidates=None,
     scorer=score_candidates,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The total loss for one batch and its metrics (floats, for logging).
 
-    ``samples`` (actions (B, N, 64, 2), trajectories (B, N, 64, 3)) are candidates already
-    drawn by the caller (ZeRO-3 draws them outside the engine's forward, with the
-    parameters gathered); otherwise ``sample_candidates(batch, generator, prefix)`` draws
-    them from this step's prefix (default: ``sample_trajectories`` with ``cfg``'s
-    settings). ``scorer`` has the signature of ``srdrl.rewards.score_candidates``.
+    ``sample_candidates(batch, generator, prefix)`` draws the policy's candidates (actions
+    (B, N, 64, 2), trajectories (B, N, 64, 3)) from this step's prefix (default:
+    ``sample_trajectories`` with ``cfg``'s settings; the trainer passes
+    ``SRDRLModule.sample_candidates``, which knows the ZeRO stage). ``scorer`` has the
+    signature of ``srdrl.rewards.score_candidates``.
     ``timer.section(name)`` brackets the phases (vlm_forward, supervised, sampling,
     scoring, awr) for benchmarks.
     """
@@ -160,14 +187,20 @@ def srdrl_loss(
     awr = label.new_zeros(())
     gt_weight = None
     if cfg.rl_loss_weight > 0:
-        if samples is None:
-            with torch.no_grad(), timer.section("sampling"):  # not differentiated
-                samples = sample_candidates(batch, generator, prefix.detach())
+        texts = list(batch["reasoning_text"])  # what the danger and intent rewards read
+        rollout_prefix = prefix
+        if cfg.rollout_reasoning == "generated":
+            with timer.section("generation"):
+                rollout_prefix, texts, agree = self_reflective_prefix(policy, batch, cfg,
+                                                                      generator)
+            metrics.update(agree)
+        with torch.no_grad(), timer.section("sampling"):  # not differentiated
+            samples = sample_candidates(batch, generator, rollout_prefix.detach())
         actions, trajs = (x.to(device) for x in samples)
         candidates = torch.cat([label[:, None], trajs], dim=1)  # (B, 1 + N, T, 3)
         cand_actions = torch.cat([label_actions[:, None], actions], dim=1)  # (B, 1 + N, T, 2)
         with timer.section("scoring"):
-            terms = _score(scorer, batch, candidates, label, reward_cfg)
+            terms = _score(scorer, batch, candidates, label, reward_cfg, texts)
         with timer.section("awr"):
             adv = advantages(terms.reward, cfg.normalize_advantage)  # (B, C)
             weights = awr_weights(adv, cfg.awr_temperature, cfg.awr_max_weight)
@@ -183,7 +216,8 @@ def srdrl_loss(
         gt_weight = terms.gt_weight
         metrics.update(_reward_metrics(terms, adv, weights))
     elif cfg.gate_supervised_loss:  # the gate needs the label's own safety and danger
-        gt_weight = _score(scorer, batch, label[:, None], label, reward_cfg).gt_weight
+        gt_weight = _score(scorer, batch, label[:, None], label, reward_cfg,
+                           batch["reasoning_text"]).gt_weight
 
     if cfg.gate_supervised_loss and gt_weight is not None:
         traj = (traj_per_scene * gt_weight.to(traj_per_scene)).mean()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -76,14 +77,18 @@ def _font(size: int):
 def caption(
     pic: Image.Image, title: str, legend: list[tuple[str, tuple[int, int, int]]]
 ) -> Image.Image:
-    """``pic`` above a white strip with ``title`` and a legend line (colour swatch, name)."""
+    """``pic`` above a white strip with ``title`` (split at ``\\n`` and wrapped to the
+    picture's width) and a legend line (colour swatch, name)."""
     font = _font(12)
-    strip = 36
+    columns = max(20, pic.width // 7)  # characters of the 12 px font per line, about
+    lines = [part for line in title.split("\n") for part in textwrap.wrap(line, columns)]
+    strip = 20 + 16 * len(lines)
     out = Image.new("RGB", (pic.width, pic.height + strip), (255, 255, 255))
     out.paste(pic, (0, 0))
     draw = ImageDraw.Draw(out)
-    draw.text((4, pic.height + 2), title, fill=(0, 0, 0), font=font)
-    x, y = 4, pic.height + 20
+    for i, line in enumerate(lines):
+        draw.text((4, pic.height + 2 + 16 * i), line, fill=(0, 0, 0), font=font)
+    x, y = 4, pic.height + 4 + 16 * len(lines)
     for name, colour in legend:
         draw.rectangle((x, y + 3, x + 14, y + 8), fill=colour)
         draw.text((x + 18, y - 2), name, fill=(0, 0, 0), font=font)
@@ -298,7 +303,8 @@ CURVE_PANELS = {
     "loss terms": ("loss", "language_loss", "traj_loss", "awr_loss", "consistency_loss"),
     "reward terms": ("reward_mean", "reward_best", "safety", "gt_sim", "reasoning",
                      "gt_weight", "gate_fired"),
-    "gt_is_best": ("gt_is_best",),
+    "fractions of scenes": ("gt_is_best", "reasoning_manoeuvre_agreement",
+                            "reasoning_side_agreement"),
 }
 
 
@@ -325,7 +331,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_training_curves(metrics_path: str | Path, out: str | Path) -> Path:
-    """Loss terms, reward terms and gt_is_best over steps, one panel each."""
+    """Loss terms, reward terms and fractions of scenes (gt_is_best; with self-reflective
+    rollouts the generated reasoning's agreement with the dataset's) over steps."""
     rows = read_metrics(metrics_path)
     plt = pyplot()
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(12, 4.2), dpi=90)
@@ -336,7 +343,7 @@ def plot_training_curves(metrics_path: str | Path, out: str | Path) -> Path:
             if np.isfinite(values).any():
                 ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.2,
                         label=key)
-        if name == "gt_is_best":  # a fraction of scenes: show it on its whole range
+        if name == "fractions of scenes":  # show them on their whole range
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
@@ -345,6 +352,55 @@ def plot_training_curves(metrics_path: str | Path, out: str | Path) -> Path:
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
                       frameon=False)
     fig.suptitle(str(metrics_path), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
+
+
+ABLATION_PANELS = (
+    ("hazard_crossing_rate_in_path_scenes", "hazard crossing, in-the-way scenes"),
+    ("reasoning_hazard_side_accuracy", "text names the hazard's side (oracle: dataset's)"),
+    ("ade", "ADE to clean (m)"),
+)
+MODE_COLOURS = {"generated": (60, 140, 255), "oracle": (170, 170, 170), "none": (240, 160, 60)}
+
+
+def plot_image_ablation(evaluation: dict, out: str | Path) -> Path:
+    """The image ablation of an ``evaluate_scenes`` report: per metric a panel, per frame
+    variant (own frames, hazard-free road, shuffled) one bar per reasoning mode, the mean
+    over the noise seeds with their min..max as the error bar."""
+    plt = pyplot()
+    ablation = evaluation["image_ablation"]
+    variants = list(ablation["frames"])
+    per_variant = {v: evaluation["modes"] if v == "camera" else ablation[v] for v in variants}
+    modes = list(evaluation["modes"])
+    fig, axes = plt.subplots(1, len(ABLATION_PANELS), figsize=(12, 3.6), dpi=90)
+    width = 0.8 / len(modes)
+    for ax, (key, name) in zip(axes, ABLATION_PANELS, strict=True):
+        for j, mode in enumerate(modes):
+            means, low, high = [], [], []
+            for v in variants:
+                summary = per_variant[v][mode]
+                seeds = [s[key] for s in summary["per_seed"] if s[key] is not None]
+                mean = float(np.mean(seeds)) if seeds else np.nan
+                means.append(mean)
+                # max(0, .): the mean of equal values can round past them
+                low.append(max(0.0, mean - min(seeds)) if seeds else 0.0)
+                high.append(max(0.0, max(seeds) - mean) if seeds else 0.0)
+            if np.isfinite(means).any():
+                label = f"{mode} (diagnostic)" if mode == "oracle" else mode
+                ax.bar(np.arange(len(variants)) + (j - (len(modes) - 1) / 2) * width, means,
+                       width, yerr=[low, high], capsize=2, color=_rgb(MODE_COLOURS[mode]),
+                       label=f"{label} reasoning")
+        ax.set_xticks(np.arange(len(variants)), [v.replace("_", " ") for v in variants],
+                      fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
+    seeds = " ".join(map(str, evaluation["seeds"]))
+    fig.suptitle(f"image ablation on {evaluation['scenes']} scenes by reasoning mode "
+                 f"(bars: mean over noise seeds {seeds}; whiskers: min..max)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -8,19 +8,24 @@ import pytest
 import torch
 
 from srdrl import evaluate, visualize
-from srdrl.config import RewardConfig
-from srdrl.data.dataset import JsonlDataset
+from srdrl.config import EvalConfig, RewardConfig
+from srdrl.data.dataset import JsonlDataset, collate
 from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
 from srdrl.evaluate import (
+    FrameAblation,
     LabelScores,
     auroc,
     choose_scenes,
     evaluate_policy,
     gate_diagnostics,
     gate_statistics,
+    hazard_free_frames,
     main,
+    over_seeds,
 )
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
+from srdrl.policy.model import VLM_INPUTS_KEY
+from srdrl.reasoning_facts import Facts, accuracy, agreement, scene_truth, stated_facts
 from srdrl.rewards import RewardTerms, danger_confidence, trust_gate
 
 OLD_REPORT_KEYS = {
@@ -51,8 +56,13 @@ def run_dir(tmp_path_factory):
 
 
 def _args(run, *extra):
+    """An untrained policy writes noise until the token limit: keep that short."""
     return ["--policy", str(run / "policy"), "--data_path", str(run / "data" / "val.jsonl"),
-            "--num_samples", "2", "--batch_size", "4", "--scoring_backend", "kornia", *extra]
+            "--num_samples", "2", "--batch_size", "4", "--scoring_backend", "kornia",
+            "--max_new_tokens", "4", "--num_seeds", "2", *extra]
+
+
+FAST = {"max_new_tokens": 4}
 
 
 def _in_unit(x):
@@ -64,19 +74,44 @@ def test_cli_end_to_end(run_dir, tmp_path, capsys):
     main(_args(run_dir, "--output_dir", str(out), "--pictures", "2"))
     printed = capsys.readouterr().out
     assert "hazard crossing rate" in printed and "trust gate on 7 training labels" in printed
+    assert "columns are reasoning modes" in printed and "oracle*" in printed
+    assert "* oracle: DIAGNOSTIC" in printed and "image ablation (generated reasoning)" in printed
+    assert "noise seeds 0 1 (mean ±std over seeds)" in printed
 
     report = json.loads((out / "eval_report.json").read_text())
     assert report["train_data_path"].endswith("train.jsonl")  # found beside --data_path
     assert report["metrics_path"].endswith("metrics.jsonl")  # found beside --policy
     ev = report["evaluation"]
-    assert OLD_REPORT_KEYS <= ev.keys()
-    assert ev["scenes"] == 3 and ev["num_samples"] == 2 and ev["vehicle_half_width_m"] == 0.9
-    for key in ("hazard_crossing_rate", "label_hazard_crossing_rate", "actions_in_bounds",
-                "reasoning_alignment_rate", "noisy_label_left_behind_rate",
-                "hazard_crossing_rate_in_path_scenes"):
-        assert _in_unit(ev[key]), key
-    assert 0 <= ev["min_ade"] <= ev["ade"] + 1e-9 and ev["fde"] >= 0
-    assert ev["noisy_label_scenes"] == 1
+    assert ev["headline_mode"] == "generated" and ev["seeds"] == [0, 1]
+    assert list(ev["modes"]) == ["generated", "oracle", "none"]
+    assert "DIAGNOSTIC" in ev["mode_notes"]["oracle"]
+    assert ev["generation"] == {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0}
+    for mode, m in ev["modes"].items():
+        assert OLD_REPORT_KEYS <= m.keys(), mode
+        assert m["scenes"] == 3 and m["num_samples"] == 2 and m["vehicle_half_width_m"] == 0.9
+        for key in ("hazard_crossing_rate", "label_hazard_crossing_rate", "actions_in_bounds",
+                    "noisy_label_left_behind_rate", "hazard_crossing_rate_in_path_scenes",
+                    "truth_intent_alignment_rate"):
+            assert _in_unit(m[key]), (mode, key)
+        assert 0 <= m["min_ade"] <= m["ade"] + 1e-9 and m["fde"] >= 0
+        assert m["noisy_label_scenes"] == 1 and m["non_finite_predictions"] == 0
+        assert [s["seed"] for s in m["per_seed"]] == [0, 1]
+        spread = m["seed_spread"]["ade"]
+        ades = [s["ade"] for s in m["per_seed"]]
+        assert m["ade"] == pytest.approx(np.mean(ades))
+        assert spread == pytest.approx({"std": np.std(ades), "min": min(ades), "max": max(ades)})
+    # the dataset's text states the truth (a check of parser and truth together); no
+    # reasoning states nothing, and nothing is there to follow
+    oracle, none = ev["modes"]["oracle"], ev["modes"]["none"]
+    for key in ("hazard_kind_accuracy", "hazard_side_accuracy", "manoeuvre_accuracy"):
+        assert oracle[f"reasoning_{key}"] == 1.0 and none[f"reasoning_{key}"] == 0.0
+    assert none["reasoning_alignment_rate"] is None and _in_unit(oracle["reasoning_alignment_rate"])
+    ablation = ev["image_ablation"]
+    assert set(ablation["frames"]) == {"camera", "hazard_free_road", "shuffled_frames"}
+    assert "val_000009" in ablation["frames"]["hazard_free_road"]  # the one hazard-free scene
+    for variant in ("hazard_free_road", "shuffled_frames"):
+        assert list(ablation[variant]) == ["generated", "oracle", "none"]
+        assert OLD_REPORT_KEYS <= ablation[variant]["generated"].keys()
 
     gate = report["gate_diagnostics"]
     assert gate["scenes"] == 7 and gate["noisy_labels"] == 3 and gate["clean_labels"] == 4
@@ -90,10 +125,15 @@ def test_cli_end_to_end(run_dir, tmp_path, capsys):
 
     rows = [json.loads(x) for x in (out / "eval_scenes.jsonl").read_text().splitlines()]
     assert [r["sample_id"] for r in rows] == ["val_000007", "val_000008", "val_000009"]
+    for row in rows:
+        assert row["mode"] == "generated" and set(row["reasoning"]) == {"generated", "oracle",
+                                                                        "none"}
+        assert row["reasoning"]["none"] == "" and row["reasoning"]["oracle"]
+        assert set(row["truth"]) == {"kind", "side", "manoeuvre"}
 
     pictures = sorted(report["pictures"])
     assert pictures == sorted(["pictures/camera_frames.png", "pictures/gate_label_safety.png",
-                               "pictures/training_curves.png",
+                               "pictures/training_curves.png", "pictures/image_ablation.png",
                                *[p for p in pictures if p.startswith("pictures/bev_")]])
     assert len([p for p in pictures if p.startswith("pictures/bev_")]) == 2
     for p in pictures:
@@ -110,12 +150,152 @@ def test_defaults_and_no_pictures(run_dir):
     assert report["gate_diagnostics"] is None and report["pictures"] == []
 
 
-def test_evaluate_policy_as_train_calls_it(run_dir):
-    policy = VLAPolicy.from_pretrained(run_dir / "policy")
+def test_evaluate_policy_as_train_calls_it(run_dir, capsys):
+    policy = VLAPolicy.from_pretrained(run_dir / "policy", max_reasoning_tokens=4)
     report = evaluate_policy(policy, JsonlDataset(run_dir / "data" / "val.jsonl"),
                              num_samples=2, rewards=RewardConfig())
-    assert OLD_REPORT_KEYS <= report.keys()
+    assert report["headline_mode"] == "generated" and report["seeds"] == [0]
+    assert all(OLD_REPORT_KEYS <= m.keys() for m in report["modes"].values())
+    assert report["generation"]["max_new_tokens"] == 4
     evaluate.print_summary(report)
+    printed = capsys.readouterr().out
+    assert "generated" in printed and "hazard crossing rate" in printed
+
+
+def test_non_finite_predictions_count_as_crossing(run_dir, capsys):
+    """A policy whose paths are NaN fails every scene (it used to score crossing 0.000)."""
+    policy = VLAPolicy.from_pretrained(run_dir / "policy")
+    with torch.no_grad():
+        policy.action_out_proj.bias.fill_(float("nan"))
+    report = evaluate_policy(policy, JsonlDataset(run_dir / "data" / "val.jsonl"),
+                             num_samples=2, rewards=RewardConfig(), progress=False,
+                             modes=("generated",), image_ablation=False, **FAST)
+    generated = report["modes"]["generated"]
+    assert generated["non_finite_predictions"] == generated["scenes"] == 3
+    assert generated["hazard_crossing_rate"] == 1.0
+    evaluate.print_summary(report)
+    assert "NON-FINITE predictions (generated) 3 (counted as crossing)" in capsys.readouterr().out
+    path = np.zeros((64, 3))
+    assert not evaluate.crosses_any_hazard(path, [])
+    path[5, 1] = np.inf
+    assert evaluate.crosses_any_hazard(path, [])
+
+
+def test_noise_is_per_scene_and_seed(run_dir):
+    """Scene i's noise is keyed by (seed, i): the batch size changes nothing, the seed does."""
+    policy = VLAPolicy.from_pretrained(run_dir / "policy")
+    val = JsonlDataset(run_dir / "data" / "val.jsonl")
+    options = dict(num_samples=2, progress=False, modes=("generated", "none"),
+                   image_ablation=False, **FAST)
+    whole = evaluate_policy(policy, val, batch_size=3, **options)["modes"]
+    single = evaluate_policy(policy, val, batch_size=1, **options)["modes"]
+    other = evaluate_policy(policy, val, batch_size=3, seed=1, **options)["modes"]
+    for mode in ("generated", "none"):
+        for key in ("ade", "fde", "min_ade"):
+            assert single[mode][key] == pytest.approx(whole[mode][key], rel=1e-4), (mode, key)
+        assert other[mode]["ade"] != pytest.approx(whole[mode]["ade"], rel=1e-4)
+
+
+def test_frame_ablation_replaces_the_frames_the_policy_sees(run_dir):
+    val = JsonlDataset(run_dir / "data" / "val.jsonl")
+    batch = collate([val[i] for i in range(3)])
+    batch[VLM_INPUTS_KEY] = "ready-made inputs of the real frames"
+    frames = FrameAblation(val, seed=0)
+    assert frames.apply(batch, "camera") is batch
+    road = frames.apply(batch, "hazard_free_road")
+    assert VLM_INPUTS_KEY not in road and road["reasoning_text"] == batch["reasoning_text"]
+    assert all(torch.equal(road["images"][b], val[2]["images"]) for b in range(3))  # val_000009
+    shuffled = frames.apply(batch, "shuffled_frames")["images"]
+    sources = [next(j for j in range(3) if torch.equal(shuffled[b], batch["images"][j]))
+               for b in range(3)]
+    assert sorted(sources) == [0, 1, 2] and all(sources[b] != b for b in range(3))
+
+    hazardous = JsonlDataset(run_dir / "data" / "val.jsonl")
+    hazardous.records = [r for r in hazardous.records if r["eval"]["hazards"]]
+    images, source = hazard_free_frames(hazardous, seed=3)
+    assert source == "a rendered hazard-free road" and images.shape == val[0]["images"].shape
+    assert images.dtype == torch.uint8 and images.float().std() > 5  # a picture, not a fill
+
+
+def test_over_seeds_known_answer():
+    per_seed = [{"scenes": 4, "ade": 1.0, "hazard_crossing_rate": 0.25, "fde": 2.0,
+                 "reasoning_alignment_rate": None},
+                {"scenes": 4, "ade": 3.0, "hazard_crossing_rate": 0.75, "fde": 2.0,
+                 "reasoning_alignment_rate": None}]
+    out = over_seeds(per_seed, [5, 6])
+    assert out["scenes"] == 4 and out["ade"] == 2.0 and out["hazard_crossing_rate"] == 0.5
+    assert out["reasoning_alignment_rate"] is None
+    assert out["seed_spread"]["ade"] == {"std": 1.0, "min": 1.0, "max": 3.0}
+    assert out["seed_spread"]["fde"] == {"std": 0.0, "min": 2.0, "max": 2.0}
+    assert [s["seed"] for s in out["per_seed"]] == [5, 6]
+
+
+# --------------------------------------------------------------------------- reasoning facts
+
+# phrases whose reading does not depend on the finer points of the intent parser
+STATED = [
+    ("Mud ahead on the left at 14 m; steer right to pass it.", "mud", "left", "right"),
+    ("There is a puddle on the right side of the track about 20 m out, so move left.",
+     "water", "right", "left"),
+    ("I see a band of rocks 9 m ahead, left of centre; nudge to the right.", "rocks", "left",
+     "right"),
+    ("A pile of stones across the whole track at 12 m; slow down and stop before it.", "rocks",
+     None, "stop"),
+    ("Clear dirt track ahead; keep straight.", None, None, "straight"),
+    ("Rough rocky ground beyond the right edge of the track, clear of our path; keep straight.",
+     "rocks", "right", "straight"),
+    ("Slow down here.", None, None, "slow"),
+    ("Standing water everywhere.", "water", None, None),
+]
+
+
+@pytest.mark.parametrize("text,kind,side,manoeuvre", STATED, ids=[t[:24] for t, *_ in STATED])
+def test_stated_facts_known_answers(text, kind, side, manoeuvre):
+    assert stated_facts(text) == Facts(kind, side, manoeuvre)
+
+
+def _hazard(centre, kind="mud", in_path=True, blocking=False, **extra):
+    theta = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    footprint = np.stack([centre[0] + 2 * np.cos(theta), centre[1] + 1.5 * np.sin(theta)], 1)
+    return {"kind": kind, "in_path": in_path, "blocking": blocking,
+            "footprint": footprint.tolist(), **extra}
+
+
+def test_scene_truth_known_answers():
+    x = np.linspace(-7.5, 0, 16)
+    straight = np.stack([x, 0 * x], 1)
+    curving_right = np.stack([x, -0.02 * x**2 / 2], 1)  # centreline y = -0.01 x^2
+    left = {"hazards": [_hazard((20, 1.0))], "intent": "right"}
+    assert scene_truth(left, straight) == Facts("mud", "left", "right")
+    # at x = 20 the right-curving centreline is at y = -4: a hazard at y = -3 is on its left
+    assert scene_truth({"hazards": [_hazard((20, -3.0))]}, curving_right).side == "left"
+    assert scene_truth({"hazards": [_hazard((20, -3.0))]}, straight).side == "right"
+    assert scene_truth({"hazards": [_hazard((20, 1.0), side="right")]}, straight).side == "right"
+    blocking = {"hazards": [_hazard((15, 0.0), "rocks", blocking=True)], "intent": "stop"}
+    assert scene_truth(blocking, straight) == Facts("rocks", None, "stop")
+    distractor = {"hazards": [_hazard((15, 8.0), "water", in_path=False)], "intent": "straight"}
+    assert scene_truth(distractor, straight) == Facts("water", None, "straight")
+    assert scene_truth({"hazards": [], "intent": "straight"}, straight) == Facts(
+        None, None, "straight")
+    both = {"hazards": [_hazard((15, 8.0), "water", in_path=False), _hazard((20, -1.0))]}
+    assert scene_truth(both, straight).kind == "mud"  # the one in the way
+
+
+def test_accuracy_and_agreement_known_answers():
+    truth = [Facts("mud", "left", "right"), Facts("rocks", None, "stop"),
+             Facts(None, None, "straight"), Facts(None, None, "straight")]
+    stated = [Facts("mud", "right", "right"), Facts("water", None, "stop"),
+              Facts("mud", None, "straight"), Facts(None, None, "left")]
+    assert accuracy(stated, truth) == {"hazard_kind_accuracy": 0.5,
+                                       "hazard_side_accuracy": 0.0,
+                                       "manoeuvre_accuracy": 0.75, "false_hazard_rate": 0.5}
+    generated = ["Mud on the left; steer right.", "Keep straight.", "Rocks on the right."]
+    dataset = ["Rocks on the left side, move right.", "Stop before the mud.", "All clear."]
+    # manoeuvre: right = right, straight != stop, none = none; side: left = left,
+    # none = none, right != none
+
+    assert agreement(generated, dataset) == pytest.approx(
+        {"manoeuvre_agreement": 2 / 3, "side_agreement": 2 / 3})
 
 
 # --------------------------------------------------------------------------- gate
@@ -235,6 +415,20 @@ def test_without_matplotlib_the_message_says_how(monkeypatch):
         visualize.pyplot()
 
 
+def test_image_ablation_chart_with_equal_seeds(tmp_path):
+    """Three seeds of 0.35 average to a hair above 0.35: the whiskers must not go negative."""
+    pytest.importorskip("matplotlib")
+    keys = [key for key, _ in visualize.ABLATION_PANELS]
+    summary = {"per_seed": [{key: 0.35 for key in keys} for _ in range(3)]}
+    no_text = {"per_seed": [{**{key: 0.35 for key in keys}, keys[1]: None}] * 3}
+    modes = {"generated": summary, "none": no_text}
+    report = {"scenes": 5, "seeds": [0, 1, 2], "modes": modes,
+              "image_ablation": {"frames": {"camera": "", "hazard_free_road": ""},
+                                 "hazard_free_road": modes}}
+    path = visualize.plot_image_ablation(report, tmp_path / "ablation.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_training_curves_keep_the_latest_row_per_step(run_dir):
     rows = visualize.read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -265,6 +459,22 @@ def test_bad_inputs_name_the_path(run_dir, tmp_path, case):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert "srdrl-eval: error:" in str(e.value) and missing in str(e.value)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("reasoning_modes", ["oracle", "dataset"], "reasoning_modes"),
+    ("reasoning_modes", ["none", "none"], "reasoning_modes"),
+    ("reasoning_modes", [], "reasoning_modes"),
+    ("num_seeds", 0, "num_seeds"),
+    ("temperature", -0.1, "temperature"),
+    ("top_p", 0.0, "top_p"),
+])
+def test_eval_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(policy="p", data_path="d.jsonl", **{field: value})
+    args = ["--policy", "p", "--data_path", "d.jsonl", "--reasoning_modes", "oracle", "generated"]
+    cfg, _ = evaluate.parse_args(args)
+    assert cfg.reasoning_modes == ["oracle", "generated"] and cfg.num_seeds == 3
 
 
 def test_data_without_evaluation_fields(run_dir, tmp_path, capsys):

@@ -18,8 +18,10 @@ from srdrl.objective import (
     trajectory_features,
 )
 from srdrl.policy.config import PolicyConfig
+from srdrl.policy.generation import generate_reasoning, reasoning_prefix
 from srdrl.policy.model import VLAPolicy
 from srdrl.policy.sampler import sample_trajectories
+from srdrl.reasoning_facts import agreement
 from srdrl.rewards import score_candidates
 
 
@@ -162,7 +164,54 @@ def test_gate_scales_the_supervised_loss_when_asked(batch, policy_and_heads):
     assert torch.isfinite(total) and calls == [torch.Size([3, 1, 64, 3])]  # label only
 
 
+def test_self_reflective_rollouts_condition_on_and_score_the_generated_text(batch):
+    """rollout_reasoning='generated': the candidates come from the prefix of the policy's
+    own (greedy) reasoning, the scorer reads that text, the language loss stays the
+    dataset's, and the step logs the agreement between the two texts."""
+    torch.manual_seed(0)
+    policy = VLAPolicy(PolicyConfig.tiny(max_reasoning_tokens=6))
+    heads = ConsistencyHeads.for_policy(policy)
+    seen = {}
+
+    def spy_sampler(batch, generator, prefix):
+        seen["prefix"] = prefix
+        return sample_trajectories(policy, batch, 2, steps=2, generator=generator,
+                                   prefix=prefix)
+
+    def spy_scorer(*args, **kwargs):
+        seen["texts"] = args[6]
+        return score_candidates(*args, **kwargs)
+
+    cfg = ObjectiveConfig(rollout_reasoning="generated", num_trajectory_samples=2,
+                          flow_steps=2, consistency_loss_weight=0.0)
+    total, metrics = srdrl_loss(policy, heads, batch, cfg, RewardConfig(scoring_backend="kornia"),
+                                generator=torch.Generator().manual_seed(0),
+                                sample_candidates=spy_sampler, scorer=spy_scorer)
+    assert torch.isfinite(total)
+    reasoning = generate_reasoning(policy, batch)  # greedy: the same text again
+    assert seen["texts"] == reasoning.texts != batch["reasoning_text"]
+    expected = reasoning_prefix(policy, batch, "generated", reasoning)
+    assert torch.equal(seen["prefix"].key_mask, expected.key_mask)
+    assert all(torch.equal(a, b) for a, b in zip(seen["prefix"].keys, expected.keys,
+                                                   strict=True))
+    assert metrics["language_loss"] == pytest.approx(policy.encode_prefix(batch).language_loss
+                                                     .item(), rel=1e-6)
+    agree = agreement(reasoning.texts, batch["reasoning_text"])
+    assert metrics["reasoning_manoeuvre_agreement"] == pytest.approx(agree["manoeuvre_agreement"])
+    assert metrics["reasoning_side_agreement"] == pytest.approx(agree["side_agreement"])
+    assert metrics["reasoning_stopped"] == pytest.approx(sum(reasoning.stopped) / 3)
+
+    # the dataset's reasoning by default: the scorer reads the data's text
+    srdrl_loss(policy, heads, batch, ObjectiveConfig(num_trajectory_samples=2, flow_steps=2),
+               RewardConfig(scoring_backend="kornia"), scorer=spy_scorer)
+    assert seen["texts"] == batch["reasoning_text"]
+
+
 def test_objective_config_validation():
+    with pytest.raises(ValueError, match="rollout_reasoning"):
+        ObjectiveConfig(rollout_reasoning="own")
+    with pytest.raises(ValueError, match="rollout_temperature"):
+        ObjectiveConfig(rollout_temperature=-0.5)
     with pytest.raises(ValueError, match="awr_mode"):
         ObjectiveConfig(awr_mode="top")
     with pytest.raises(ValueError, match="rl_loss_weight"):

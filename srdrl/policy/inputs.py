@@ -7,7 +7,10 @@ One sequence per scene, Qwen's chat layout, teacher-forced on the reasoning:
     {ego motion: "Speed 4.2 m/s, yaw rate -0.03 rad/s."} {TASK_PROMPT}<|im_end|>\\n
     <|im_start|>assistant\\n{reasoning}<|im_end|>\\n<|traj_future_start|>
 
-Labels are the reasoning tokens and the closing ``<|im_end|>`` (-100 elsewhere). The
+Labels are the reasoning tokens and the closing ``<|im_end|>`` (-100 elsewhere). Two
+variants serve inference (docs/DESIGN.md, "Reasoning generation"): ``prompt`` stops after
+``<|im_start|>assistant\\n`` and pads on the left, for ``generate``; ``with_reasoning``
+puts given token ids (the generated reasoning, or none) where the dataset's text goes. The
 expert's 64 action tokens conceptually follow ``<|traj_future_start|>``; the whole sequence
 above is the prefix whose keys/values the expert reads. Sequences are right-padded with
 ``<|endoftext|>`` to a common length, rounded up to ``pad_to_multiple_of``.
@@ -91,6 +94,20 @@ class VLMInputs:
         return VLMInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+@dataclass
+class PromptInputs:
+    """The prompt alone, for generating the reasoning (see ``VLMInputBuilder.prompt``)."""
+
+    input_ids: torch.Tensor  # (B, P) long, left-padded
+    attention_mask: torch.Tensor  # (B, P) long, 1 on real tokens
+    mm_token_type_ids: torch.Tensor  # (B, P) int, 1 on <|image_pad|>
+    pixel_values: torch.Tensor  # (sum of patches, C * temporal_patch * patch^2) float32
+    image_grid_thw: torch.Tensor  # (B * F, 3) long
+
+    def to(self, device) -> PromptInputs:
+        return PromptInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
 class VLMInputBuilder:
     """Turns a collated batch into ``VLMInputs``; holds the tokenizer and image processor."""
 
@@ -129,37 +146,60 @@ class VLMInputBuilder:
         out = self.image_processor(images=list(frames), return_tensors="pt")
         return out["pixel_values"].float(), out["image_grid_thw"].long()
 
-    def __call__(self, batch: dict) -> VLMInputs:
+    def _prompts(self, batch: dict) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """Per scene the token ids up to and including ``<|im_start|>assistant\\n``, and the
+        images' pixel_values and grid_thw."""
         images = batch["images"]
         num_scenes, num_frames = images.shape[:2]
-        reasoning = list(batch["reasoning_text"])
-        if len(reasoning) != num_scenes:
-            raise ValueError(f"{len(reasoning)} reasoning texts for {num_scenes} scenes")
         pixel_values, grid_thw = self.images(images)
         image_tokens = (grid_thw.prod(-1) // self.merge_size**2).view(num_scenes, num_frames)
-
         speed, yaw_rate = ego_motion(batch["ego_history_xyz"])
         ego = self._encode([
             f"{ego_motion_text(float(v), float(w))} {TASK_PROMPT}{IM_END}\n{IM_START}assistant\n"
             for v, w in zip(speed.tolist(), yaw_rate.tolist(), strict=True)
         ])
-        answers = self._encode(reasoning)
-
-        rows = []  # per scene: (ids, labels, image flags, reasoning flags)
+        prompts = []
         for b in range(num_scenes):
             ids = list(self.head_ids)
             for n in image_tokens[b].tolist():
                 ids += [self.vision_start_id] + [self.image_pad_id] * n + [self.vision_end_id]
-            ids += ego[b]
-            answer = answers[b][: self.config.max_reasoning_tokens] + [self.im_end_id]
+            prompts.append(ids + ego[b])
+        return prompts, pixel_values, grid_thw
+
+    def _padded_length(self, lengths: list[int]) -> int:
+        multiple = self.config.pad_to_multiple_of
+        return -(-max(lengths) // multiple) * multiple
+
+    def __call__(self, batch: dict) -> VLMInputs:
+        """Teacher-forced on the dataset's reasoning (``batch["reasoning_text"]``)."""
+        reasoning = list(batch["reasoning_text"])
+        if len(reasoning) != batch["images"].shape[0]:
+            raise ValueError(f"{len(reasoning)} reasoning texts for {batch['images'].shape[0]} "
+                             "scenes")
+        return self.with_reasoning(batch, self._encode(reasoning))
+
+    def without_reasoning(self, batch: dict) -> VLMInputs:
+        """The same layout with no reasoning at all: the assistant turn is only its closing
+        token, so the expert sees prompt and images alone (the "none" mode)."""
+        return self.with_reasoning(batch, [[] for _ in range(batch["images"].shape[0])])
+
+    def with_reasoning(self, batch: dict, answers: list[list[int]]) -> VLMInputs:
+        """Teacher-forced layout with the given reasoning token ids per scene (e.g. the
+        policy's own generated ones, used as they came out so no re-tokenisation can change
+        them), each cut to ``max_reasoning_tokens``."""
+        prompts, pixel_values, grid_thw = self._prompts(batch)
+        num_scenes = len(prompts)
+        if len(answers) != num_scenes:
+            raise ValueError(f"{len(answers)} reasoning token lists for {num_scenes} scenes")
+        rows = []  # per scene: (ids, labels, reasoning flags)
+        for ids, reasoning in zip(prompts, answers, strict=True):
+            answer = list(reasoning)[: self.config.max_reasoning_tokens] + [self.im_end_id]
             labels = [IGNORE_INDEX] * len(ids) + answer + [IGNORE_INDEX] * len(self.tail_ids)
             is_reasoning = [False] * len(ids) + [True] * (len(answer) - 1) + [False] * (
                 1 + len(self.tail_ids))
-            ids += answer + self.tail_ids
-            rows.append((ids, labels, is_reasoning))
+            rows.append((ids + answer + self.tail_ids, labels, is_reasoning))
 
-        multiple = self.config.pad_to_multiple_of
-        length = -(-max(len(r[0]) for r in rows) // multiple) * multiple
+        length = self._padded_length([len(r[0]) for r in rows])
         input_ids = torch.full((num_scenes, length), self.pad_id, dtype=torch.long)  # (B, L)
         labels = torch.full((num_scenes, length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
         reasoning_mask = torch.zeros((num_scenes, length), dtype=torch.bool)  # (B, L)
@@ -176,6 +216,24 @@ class VLMInputBuilder:
             labels=labels,
             mm_token_type_ids=(input_ids == self.image_pad_id).int(),
             reasoning_mask=reasoning_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=grid_thw,
+        )
+
+    def prompt(self, batch: dict) -> PromptInputs:
+        """Everything up to and including ``<|im_start|>assistant\\n``, left-padded (the
+        layout ``generate`` continues from: every row's next token goes in the same column)."""
+        prompts, pixel_values, grid_thw = self._prompts(batch)
+        length = self._padded_length([len(ids) for ids in prompts])
+        input_ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)  # (B, P)
+        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)  # (B, P)
+        for b, ids in enumerate(prompts):
+            input_ids[b, length - len(ids):] = torch.tensor(ids)
+            attention_mask[b, length - len(ids):] = 1
+        return PromptInputs(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_token_type_ids=(input_ids == self.image_pad_id).int(),
             pixel_values=pixel_values,
             image_grid_thw=grid_thw,
         )
