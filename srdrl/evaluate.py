@@ -77,8 +77,9 @@ from srdrl.gate_diagnostics import (  # noqa: F401 (re-exported: the CLI reports
     score_labels,
 )
 from srdrl.policy import VLAPolicy, sample_trajectories
+from srdrl.policy.formats import CheckpointError, detect_layout
 from srdrl.policy.generation import REASONING_MODES, generate_reasoning, reasoning_prefix
-from srdrl.policy.model import CONFIG_FILE, VLM_INPUTS_KEY
+from srdrl.policy.model import VLM_INPUTS_KEY
 from srdrl.policy.noise import SceneNoise, scene_seed
 
 REPORT_FILE = "eval_report.json"
@@ -325,11 +326,12 @@ def resolve_paths(cfg: EvalConfig) -> dict[str, Path | None]:
     model = Path(cfg.policy)
     if not model.is_dir():
         raise FileNotFoundError(f"--policy {model}: no such directory")
-    if not (model / CONFIG_FILE).is_file():
+    try:
+        detect_layout(model)
+    except CheckpointError as e:
         hint = (f"; the trained policy is in {model / 'policy'}"
-                if (model / "policy" / CONFIG_FILE).is_file() else "")
-        raise FileNotFoundError(f"--policy {model} is not a policy checkpoint (no "
-                                f"{CONFIG_FILE}){hint}")
+                if (model / "policy").is_dir() else "")
+        raise FileNotFoundError(f"--policy {e}{hint}") from None
     data = Path(cfg.data_path)
     if not data.is_file():
         raise FileNotFoundError(f"--data_path {data}: no such file")

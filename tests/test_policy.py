@@ -215,9 +215,10 @@ def test_expert_parameter_names_match_qwen3vl_text_decoder(policy):
     assert attn.q_norm.weight.shape == (cfg.head_dim,)
 
 
-def _naive_attention(attn, x, keys, values, key_mask, candidates):
+def _naive_attention(attn, x, keys, values, key_mask, candidates, rotary=None):
     """Reference: every row (scene b, candidate n) attends to its scene's real prefix keys
-    and its own action keys, query heads sharing KV heads by repetition, one row at a time."""
+    and its own action keys, query heads sharing KV heads by repetition, one row at a time;
+    with ``rotary`` (cos, sin) (T, D) action token k's query and key are rotated by it."""
     rows, tokens, _ = x.shape
     kv, dim = attn.kv_heads, attn.head_dim
     group = attn.heads // kv
@@ -227,6 +228,9 @@ def _naive_attention(attn, x, keys, values, key_mask, candidates):
         q = attn.q_norm(attn.q_proj(x[m]).view(tokens, attn.heads, dim)).transpose(0, 1)
         k = attn.k_norm(attn.k_proj(x[m]).view(tokens, kv, dim)).transpose(0, 1)
         v = attn.v_proj(x[m]).view(tokens, kv, dim).transpose(0, 1)
+        if rotary is not None:
+            q, _ = apply_rotary_pos_emb(q, q, *rotary, unsqueeze_dim=0)
+            k, _ = apply_rotary_pos_emb(k, k, *rotary, unsqueeze_dim=0)
         real = key_mask[b]
         k = torch.cat([keys[b][:, real], k], 1).repeat_interleave(group, 0)  # (H, S, D)
         v = torch.cat([values[b][:, real], v], 1).repeat_interleave(group, 0)
@@ -235,9 +239,17 @@ def _naive_attention(attn, x, keys, values, key_mask, candidates):
     return torch.stack(out)
 
 
+def _rope_table(tokens, dim, base=10000.0):
+    """(cos, sin) (T, D) of plain RoPE at positions 0..T-1 (half-split layout)."""
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angle = torch.arange(tokens, dtype=torch.float32)[:, None] * inv  # (T, D/2)
+    return torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["shared-position", "rope"])
 @pytest.mark.parametrize("heads", [2, 4], ids=["G1", "G2"])
 @pytest.mark.parametrize("workspace", [False, True], ids=["concat", "workspace"])
-def test_expert_attention_matches_naive_reference(heads, workspace):
+def test_expert_attention_matches_naive_reference(heads, workspace, rotary):
     from srdrl.policy.expert import ExpertAttention, build_context
 
     torch.manual_seed(0)
@@ -250,11 +262,12 @@ def test_expert_attention_matches_naive_reference(heads, workspace):
     key_mask[2, 3:] = False
     keys[0][~key_mask.unsqueeze(1).expand(-1, kv, -1)] = 1e4  # padding must not matter
     x = torch.randn(scenes * candidates, tokens, 24)
+    table = _rope_table(tokens, dim) if rotary else None
     ctx = build_context(keys, values, key_mask, candidates, tokens, heads // kv, workspace,
-                        capacity=11 if workspace else None)
+                        capacity=11 if workspace else None, action_rotary=table)
     with torch.no_grad():
         ours = attn(x, ctx.keys[0], ctx.values[0], ctx)
-        reference = _naive_attention(attn, x, keys[0], values[0], key_mask, candidates)
+        reference = _naive_attention(attn, x, keys[0], values[0], key_mask, candidates, table)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
@@ -402,7 +415,7 @@ def test_initial_noise_scale_grows_with_candidate_index():
 def test_save_and_from_pretrained_round_trip(policy, batch, tmp_path):
     policy.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} >= {
-        "policy_config.json", "model.safetensors", "tokenizer.json"}
+        "config.json", "model.safetensors", "tokenizer.json"}
     loaded = VLAPolicy.from_pretrained(tmp_path).eval()
     assert loaded.config == policy.config
     ours, theirs = policy.state_dict(), loaded.state_dict()
@@ -423,6 +436,12 @@ def test_config_validation():
         PolicyConfig.tiny(head_dim=64)
     with pytest.raises(ValueError, match="unknown policy preset"):
         PolicyConfig.preset("huge")
+    with pytest.raises(ValueError, match="action_encoder='v3'"):
+        PolicyConfig.tiny(action_encoder="v3")
+    with pytest.raises(ValueError, match="flow_time_distribution='logit'"):
+        PolicyConfig.tiny(flow_time_distribution="logit")
+    with pytest.raises(ValueError, match="fourier_max_frequency=0.01 must be at least"):
+        PolicyConfig.tiny(fourier_max_frequency=0.01)
     bench = PolicyConfig.bench()
     assert bench.expert_hidden_size == 1024 and bench.num_layers == 8
     assert PolicyConfig.from_dict(bench.to_dict()) == bench

@@ -4,6 +4,8 @@ Two presets: ``tiny`` (the embedded default; trains on CPU in minutes) and ``ben
 size worth timing on a GPU: expert hidden 1024, 8 layers, about 512 prefix tokens per
 scene). The expert shares the VLM text model's layer count, KV heads and head_dim, because
 it attends to the VLM's keys and values layer by layer; its hidden size is its own.
+``vlm_fields`` reads the VLM fields back from a ``Qwen3VLConfig`` (a Qwen3-VL or
+Alpamayo-R1 folder's), the inverse of ``PolicyConfig.vlm_config``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from transformers import Qwen3VLConfig
 
+from srdrl.action_space import ACTION_MEAN, ACTION_STD
 from srdrl.policy.tokenizer import (
     IMAGE_PAD,
     MIN_VOCAB_SIZE,
@@ -23,6 +26,16 @@ from srdrl.policy.tokenizer import (
     VISION_START,
 )
 from srdrl.timegrid import NUM_STEPS
+
+ACTION_ENCODERS = ("fourier_v2", "legacy")
+FLOW_TIME_DISTRIBUTIONS = ("uniform", "beta")
+RELEASE_ACTION_FIELDS = dict(
+    action_encoder="fourier_v2", action_in_num_layers=4, action_in_hidden_size=1024,
+    fourier_frequencies=10, fourier_min_frequency=1.0, fourier_max_frequency=100.0,
+    flow_time_distribution="beta",
+)
+"""The Alpamayo-R1 release's action-in projection and flow-matching times: what a Qwen3-VL
+import starts its fresh projections with."""
 
 
 @dataclass
@@ -87,8 +100,48 @@ class PolicyConfig:
     """Action tokens, one per future step (64: 6.4 s at 10 Hz)."""
     action_dim: int = 2
     """Normalised acceleration and curvature."""
+    action_encoder: str = "fourier_v2"
+    """``action_in_proj`` and the action tokens' positions. 'fourier_v2': the release's
+    per-waypoint encoder (Fourier features of each action value and of t, an MLP of
+    ``action_in_num_layers`` RMSNorm'd layers, a LayerNorm), action token k sitting k text
+    positions after the first; 'legacy': srdrl's first encoder (raw value plus power-of-two
+    frequencies, a two-layer MLP, a learned embedding per waypoint, every action token at
+    one position), kept so checkpoints written before the release structure still load."""
+    action_in_num_layers: int = 2
+    """Layers of the 'fourier_v2' encoder's MLP after its input layer (the release: 4)."""
+    action_in_hidden_size: int | None = None
+    """Width of the 'fourier_v2' encoder's MLP (the release: 1024); None: the expert's
+    hidden size."""
     fourier_frequencies: int = 8
-    """Sine/cosine pairs per action value and per time t in ``action_in_proj``."""
+    """Frequencies per action value and per time t in ``action_in_proj``, each giving a sine
+    and a cosine ('fourier_v2': log-spaced over [fourier_min_frequency,
+    fourier_max_frequency] cycles per unit, the release uses 10; 'legacy': powers of two)."""
+    fourier_min_frequency: float = 0.0625
+    """Lowest frequency of the 'fourier_v2' encoder (the release: 1). With the default 1/16
+    to 8 the small presets keep the frequencies of their first encoder: normalised actions
+    and noise reach about +-5, and without periods that long a small MLP learns the
+    velocity (linear in x_t) far more slowly."""
+    fourier_max_frequency: float = 8.0
+    """Highest frequency of the 'fourier_v2' encoder (the release: 100)."""
+
+    # --------------------------------------------------------------- flow matching
+    flow_time_distribution: str = "uniform"
+    """Training times t of flow matching (t = 1 is data): 'uniform' U(0, 1), or 'beta', the
+    release's 0.999 * (1 - s) with s ~ Beta(1.5, 1) (more weight near the noise end)."""
+    action_mean: tuple[float, float] = ACTION_MEAN
+    """Mean of (acceleration m/s^2, curvature 1/m) that normalises actions (the release's)."""
+    action_std: tuple[float, float] = ACTION_STD
+    """Std of (acceleration, curvature) that normalises actions (the release's)."""
+
+    # --------------------------------------------------------------- checkpoint import
+    traj_vocab_size: int = 768
+    """Discrete trajectory tokens ``<i0>`` .. added to a Qwen3-VL tokenizer on import, as the
+    release does (srdrl never predicts them; they keep the vocabulary an Alpamayo-R1
+    model's). Unused by the presets' own tokenizer."""
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Per-channel mean the image processor subtracts (from preprocessor_config.json)."""
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Per-channel std the image processor divides by (from preprocessor_config.json)."""
 
     # --------------------------------------------------------------- training
     stop_gradient_to_vlm: bool = False
@@ -99,6 +152,8 @@ class PolicyConfig:
     def __post_init__(self):
         self.mrope_section = tuple(int(x) for x in self.mrope_section)
         self.deepstack_visual_indexes = tuple(int(x) for x in self.deepstack_visual_indexes)
+        for name in ("action_mean", "action_std", "image_mean", "image_std"):
+            setattr(self, name, tuple(float(x) for x in getattr(self, name)))
         problems = []
 
         def need(ok: bool, msg: str):
@@ -111,7 +166,8 @@ class PolicyConfig:
             "vision_hidden_size", "vision_intermediate_size", "vision_num_heads", "patch_size",
             "spatial_merge_size", "temporal_patch_size", "expert_hidden_size",
             "expert_intermediate_size", "expert_num_attention_heads", "fourier_frequencies",
-            "max_reasoning_tokens", "pad_to_multiple_of",
+            "max_reasoning_tokens", "pad_to_multiple_of", "action_in_num_layers",
+            "fourier_min_frequency",
         ):
             need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         need(self.vocab_size >= MIN_VOCAB_SIZE,
@@ -142,6 +198,24 @@ class PolicyConfig:
         need(self.num_waypoints == NUM_STEPS,
              f"num_waypoints={self.num_waypoints} must be {NUM_STEPS} (the action space's)")
         need(self.action_dim == 2, f"action_dim={self.action_dim} must be 2 (accel, curvature)")
+        need(self.action_encoder in ACTION_ENCODERS,
+             f"action_encoder={self.action_encoder!r} must be one of {ACTION_ENCODERS}")
+        need(self.fourier_max_frequency >= self.fourier_min_frequency,
+             f"fourier_max_frequency={self.fourier_max_frequency} must be at least "
+             f"fourier_min_frequency={self.fourier_min_frequency}")
+        need(self.action_in_hidden_size is None or self.action_in_hidden_size > 0,
+             f"action_in_hidden_size={self.action_in_hidden_size} must be positive or None")
+        need(self.flow_time_distribution in FLOW_TIME_DISTRIBUTIONS,
+             f"flow_time_distribution={self.flow_time_distribution!r} must be one of "
+             f"{FLOW_TIME_DISTRIBUTIONS}")
+        need(len(self.action_mean) == 2 and len(self.action_std) == 2
+             and min(self.action_std) > 0,
+             f"action_mean={self.action_mean} and action_std={self.action_std} must be 2 "
+             "numbers each, the std positive")
+        need(len(self.image_mean) == 3 and len(self.image_std) == 3 and min(self.image_std) > 0,
+             f"image_mean={self.image_mean} and image_std={self.image_std} must be 3 numbers "
+             "each, the std positive")
+        need(self.traj_vocab_size >= 0, f"traj_vocab_size={self.traj_vocab_size} must be >= 0")
         if problems:
             raise ValueError("invalid PolicyConfig: " + "; ".join(problems))
 
@@ -190,6 +264,11 @@ class PolicyConfig:
         return cls(**values)
 
     # ------------------------------------------------------------------ derived configs
+    @property
+    def action_in_width(self) -> int:
+        """Width of the 'fourier_v2' encoder's MLP."""
+        return self.action_in_hidden_size or self.expert_hidden_size
+
     def vlm_config(self, token_ids: dict[str, int]) -> Qwen3VLConfig:
         """The ``Qwen3VLConfig`` of the VLM, with the tokenizer's special-token ids."""
         text = dict(
@@ -230,3 +309,38 @@ class PolicyConfig:
             vision_end_token_id=token_ids[VISION_END],
             tie_word_embeddings=False,
         )
+
+
+def vlm_fields(vlm_config: Qwen3VLConfig) -> dict:
+    """The ``PolicyConfig`` fields a ``Qwen3VLConfig`` determines (the inverse of
+    ``PolicyConfig.vlm_config``). The expert's own fields are left out: the caller chooses
+    them (the release copies the text model's, with overrides)."""
+    text, vision = vlm_config.text_config, vlm_config.vision_config
+    rope = dict(text.rope_parameters or {})
+    if "mrope_section" not in rope or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"text_config.rope_parameters={rope}: srdrl needs the default M-RoPE "
+                         "with an mrope_section")
+    if vision.out_hidden_size != text.hidden_size:
+        raise ValueError(f"vision_config.out_hidden_size={vision.out_hidden_size} differs from "
+                         f"text_config.hidden_size={text.hidden_size}")
+    return dict(
+        vocab_size=text.vocab_size,
+        text_hidden_size=text.hidden_size,
+        text_intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        mrope_section=tuple(rope["mrope_section"]),
+        rope_theta=float(rope["rope_theta"]),
+        rms_norm_eps=text.rms_norm_eps,
+        vision_depth=vision.depth,
+        vision_hidden_size=vision.hidden_size,
+        vision_intermediate_size=vision.intermediate_size,
+        vision_num_heads=vision.num_heads,
+        patch_size=vision.patch_size,
+        spatial_merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        num_position_embeddings=vision.num_position_embeddings,
+        deepstack_visual_indexes=tuple(vision.deepstack_visual_indexes),
+    )

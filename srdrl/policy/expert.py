@@ -9,15 +9,15 @@ reasoning) followed by the 64 action tokens' own keys/values: non-causal among t
 tokens, padding keys masked. Attention is plain ``scaled_dot_product_attention``, no cache
 object, so a forward is a pure function of its input tensors (CUDA-graph capturable).
 
-Positions. The action tokens sit where the next generated token would: one text position
-after the prefix's last one, all 64 sharing it (their order comes from the waypoint
-embedding of ``action_in_proj``). RoPE scores depend only on the difference of positions,
-so instead of rotating the action queries/keys to that position on every call, the policy
-rotates the prefix keys once by minus that position (``shift_rotary``): in the shifted
-frame the action tokens are at position 0 and need no rotation at all, and the scores are
-identical. The M-RoPE position of an image token differs per frequency section (t, h, w);
-shifting every frequency by the same text position is exactly what rotating a query at
-(p, p, p) would do.
+Positions. As in the release, action token k sits at text position P + k, P one past the
+prefix's last position (where the next generated token would go). RoPE scores depend only
+on the difference of positions, so the policy rotates the prefix keys once by -P
+(``shift_rotary``) and the action queries/keys by k alone: a (T, head_dim) table that is the
+same for every call (``ExpertContext.action_rotary``), and the scores are those of the
+release's positions. The M-RoPE position of an image token differs per frequency section
+(t, h, w); shifting every frequency by the same text position is exactly what rotating a
+query at (P, P, P) would do. The legacy encoder puts all action tokens at P (no table: their
+order comes from its waypoint embedding).
 
 Candidates share their scene's prefix. The M = B * N rows (scene-major) of a call are N
 candidates of each of B scenes. Rather than copying a scene's prefix keys/values N times,
@@ -59,7 +59,9 @@ class ExpertContext:
     With ``workspace=True`` S = C + N * T (prefix capacity C >= L) and each call writes them
     into the last N * T slots in place (sampling under no_grad; static buffers for graphs).
     ``attn_bias``: (B, 1, N * G * T, C + N * T) additive: 0 on the scene's real prefix
-    tokens and on the query's own candidate's T slots, -inf elsewhere.
+    tokens and on the query's own candidate's T slots, -inf elsewhere. ``action_rotary``:
+    (cos, sin), each (T, head_dim) float32, rotating action token k's query and key by
+    position k; None leaves them unrotated (all at the prefix's next position).
     """
 
     keys: list[torch.Tensor]
@@ -68,6 +70,7 @@ class ExpertContext:
     num_candidates: int
     num_action_tokens: int
     workspace: bool
+    action_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,12 +78,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE rotation of ``x`` (..., D) by angles whose cos/sin broadcast against it (Qwen's
+    half-split layout); computed in float32, returned in ``x``'s dtype."""
+    y = x.float()
+    return (y * cos.float() + rotate_half(y) * sin.float()).to(x.dtype)
+
+
 def shift_rotary(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate RoPE-encoded keys (B, H, L, D) further by the angles whose cos/sin are (B, D)
-    (Qwen's half-split layout); computed in float32, returned in the keys' dtype."""
-    cos, sin = cos[:, None, None].float(), sin[:, None, None].float()
-    k = keys.float()
-    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+    """Rotate RoPE-encoded keys (B, H, L, D) further by the angles whose cos/sin are (B, D)."""
+    return rotate(keys, cos[:, None, None], sin[:, None, None])
 
 
 def attention_bias(key_mask: torch.Tensor, capacity: int, candidates: int, group: int,
@@ -108,22 +115,28 @@ def build_context(
     group: int,
     workspace: bool,
     capacity: int | None = None,
+    action_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ExpertContext:
     """Context for B scenes x ``candidates`` rows. ``keys``/``values``: per layer
     (B, kv_heads, L, head_dim); ``key_mask``: (B, L) bool, True on real tokens; ``group``:
-    query heads per KV head; ``capacity`` (workspace only, default L): prefix slots."""
+    query heads per KV head; ``capacity`` (workspace only, default L): prefix slots;
+    ``action_rotary``: see ``ExpertContext``."""
     if workspace:
         capacity = keys[0].shape[2] if capacity is None else capacity
-        ctx = empty_context(capacity, candidates, num_action_tokens, group, keys, values)
+        ctx = empty_context(capacity, candidates, num_action_tokens, group, keys, values,
+                            action_rotary)
         fill_context(ctx, keys, values, key_mask)
         return ctx
     bias = attention_bias(key_mask, keys[0].shape[2], candidates, group, num_action_tokens,
                           keys[0].dtype)
-    return ExpertContext(list(keys), list(values), bias, candidates, num_action_tokens, False)
+    return ExpertContext(list(keys), list(values), bias, candidates, num_action_tokens, False,
+                         action_rotary)
 
 
 def empty_context(capacity: int, candidates: int, num_action_tokens: int, group: int,
-                  keys: list[torch.Tensor], values: list[torch.Tensor]) -> ExpertContext:
+                  keys: list[torch.Tensor], values: list[torch.Tensor],
+                  action_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> ExpertContext:
     """Zeroed workspace shaped for prefixes like ``keys``/``values`` (B scenes, per layer) of
     up to ``capacity`` tokens: a longer capacity lets differently padded batches share one
     shape, the extra slots masked."""
@@ -143,6 +156,7 @@ def empty_context(capacity: int, candidates: int, num_action_tokens: int, group:
         num_candidates=candidates,
         num_action_tokens=num_action_tokens,
         workspace=True,
+        action_rotary=action_rotary,
     )
 
 
@@ -182,6 +196,10 @@ class ExpertAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(batch, n, tokens, kv, group, dim))
         k = self.k_norm(self.k_proj(x).view(batch, n, tokens, kv, dim))
         v = self.v_proj(x).view(batch, n, tokens, kv, dim)
+        if ctx.action_rotary is not None:
+            cos, sin = ctx.action_rotary  # (T, D): token k at position k
+            q = rotate(q, cos[:, None, None], sin[:, None, None])
+            k = rotate(k, cos[:, None], sin[:, None])
         # (B, KV, N*T, D) and (B, KV, N*G*T, D): candidates (and query groups) folded into the
         # sequence axis; views when G == 1
         k = k.permute(0, 3, 1, 2, 4).reshape(batch, kv, n * tokens, dim)

@@ -2,57 +2,52 @@
 flow-matching action expert that attends to the VLM's per-layer keys/values.
 
 Submodules, named as in the Alpamayo-R1 release: ``vlm`` (a
-``transformers.Qwen3VLForConditionalGeneration`` built from config, random weights),
-``expert`` (``ActionExpert``), ``action_in_proj`` (Fourier features of each action value and
-of t, an MLP, plus a learned per-waypoint embedding), ``action_out_proj`` (linear to 2 per
-waypoint) and ``action_space`` (unicycle; parameter-free).
+``transformers.Qwen3VLForConditionalGeneration``), ``expert`` (``ActionExpert``),
+``action_in_proj`` (``action_proj.py``), ``action_out_proj`` (linear to 2 per waypoint) and
+``action_space`` (unicycle; parameter-free).
 
-Flow matching (docs/DESIGN.md, "Flow matching"): noise x0 ~ N(0, I), t ~ U(0, 1) with t = 1 data,
-x_t = (1 - t) x0 + t x1, target velocity x1 - x0, MSE per sample.
+Flow matching (docs/DESIGN.md, "Flow matching"): noise x0 ~ N(0, I), t from
+``PolicyConfig.flow_time_distribution`` with t = 1 data, x_t = (1 - t) x0 + t x1, target
+velocity x1 - x0, MSE per sample.
 
 Precision: the policy may be cast to bf16 (``.to(torch.bfloat16)``) or run under autocast.
 The prefix keys/values are kept in the dtype the VLM's attention consumed (the autocast dtype
 under autocast, else the model's); the Fourier features, the loss and the Euler state are
-float32. Checkpoints: ``save_pretrained(dir)`` writes ``policy_config.json``,
-``model.safetensors`` and the tokenizer; ``from_pretrained(dir)`` reads a local dir only.
+float32. Checkpoints (``formats.py``): ``save_pretrained(dir)`` writes the layout the policy
+was loaded from (srdrl's own, a Qwen3-VL folder, an Alpamayo-R1 folder) unless told another;
+``from_pretrained(dir)`` reads any of them from a local folder.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_file
 from torch import nn
 from transformers import (
     DynamicCache,
     PreTrainedTokenizerFast,
+    Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLModel,
 )
 
 from srdrl.action_space import ActionSpace
-from srdrl.policy.config import PolicyConfig
+from srdrl.policy.action_proj import build_action_in_proj
+from srdrl.policy.config import PolicyConfig, vlm_fields
 from srdrl.policy.expert import ActionExpert, ExpertContext, build_context, shift_rotary
 from srdrl.policy.inputs import IGNORE_INDEX, VLMInputBuilder, VLMInputs, template_texts
 from srdrl.policy.kv_recompute import recorded_layer_inputs
-from srdrl.policy.tokenizer import (
-    load_tokenizer,
-    save_tokenizer,
-    special_token_ids,
-    train_tokenizer,
-)
+from srdrl.policy.tokenizer import special_token_ids, train_tokenizer
 
-CONFIG_FILE = "policy_config.json"
 VLM_INPUTS_KEY = "vlm_inputs"
 """Batch key of ready-made ``VLMInputs`` (see ``srdrl.train.VLMCollate``)."""
-WEIGHTS_FILE = "model.safetensors"
+BETA_TIME_SCALE = 0.999
+"""The release's flow-matching times: t = 0.999 (1 - s), s ~ Beta(1.5, 1)."""
 
 # transformers renamed the cache argument from ``past_key_values`` to ``cache`` (5.2x keeps
 # the old name as a deprecated alias); pass whichever this version's forward declares.
@@ -82,38 +77,15 @@ def build_tokenizer(config: PolicyConfig, texts: Iterable[str] = ()) -> PreTrain
     return train_tokenizer([*template_texts(), *texts], config.vocab_size)
 
 
-class ActionInProjection(nn.Module):
-    """(x_t (M, T, 2), t (M,)) -> (M, T, hidden).
-
-    Each action value v becomes [v, sin(pi f v), cos(pi f v)] with f = 2^-3 .. 2^(F-4)
-    (periods 16 down to 1/2^(F-5): normalised actions and noise reach about +-5); t becomes
-    [sin(pi f t), cos(pi f t)] with f = 2^-1 .. 2^(F-2). The features go through a two-layer
-    SiLU MLP, and a learned embedding per waypoint tells the (otherwise position-free,
-    non-causal) action tokens apart. Features are computed in float32.
-    """
-
-    def __init__(self, action_dim: int, num_waypoints: int, hidden: int, num_frequencies: int):
-        super().__init__()
-        powers = torch.arange(num_frequencies, dtype=torch.float32)
-        # powers of two: exact in bf16 should the module be cast
-        self.register_buffer("action_frequencies", 2.0 ** (powers - 3), persistent=False)
-        self.register_buffer("time_frequencies", 2.0 ** (powers - 1), persistent=False)
-        in_features = action_dim * (1 + 2 * num_frequencies) + 2 * num_frequencies
-        self.mlp = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
-        )
-        self.waypoint_embedding = nn.Parameter(torch.randn(num_waypoints, hidden) * 0.02)
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        rows, steps, _ = x_t.shape
-        x = x_t.float()
-        angle = math.pi * x.unsqueeze(-1) * self.action_frequencies.float()  # (M, T, 2, F)
-        action = torch.cat([x.unsqueeze(-1), angle.sin(), angle.cos()], -1).flatten(2)
-        angle_t = math.pi * t.float().unsqueeze(-1) * self.time_frequencies.float()  # (M, F)
-        time = torch.cat([angle_t.sin(), angle_t.cos()], -1)  # (M, 2F)
-        features = torch.cat([action, time.unsqueeze(1).expand(rows, steps, -1)], -1)
-        weight = self.mlp[0].weight
-        return self.mlp(features.to(weight.dtype)) + self.waypoint_embedding.to(weight.dtype)
+def flow_times(u: torch.Tensor, distribution: str) -> torch.Tensor:
+    """Flow-matching times from uniform draws ``u`` in [0, 1): 'uniform' gives u; 'beta' the
+    release's 0.999 (1 - s) with s ~ Beta(1.5, 1), by its inverse CDF s = u^(2/3) (so the
+    same draws as 'uniform', which keeps the per-scene noise streams unchanged)."""
+    if distribution == "uniform":
+        return u
+    if distribution == "beta":
+        return BETA_TIME_SCALE * (1.0 - u.pow(2.0 / 3.0))
+    raise ValueError(f"unknown flow_time_distribution {distribution!r}")
 
 
 @dataclass
@@ -149,16 +121,27 @@ class Prefix:
 
 
 class VLAPolicy(nn.Module):
-    def __init__(self, config: PolicyConfig, tokenizer: PreTrainedTokenizerFast | None = None):
+    """The policy. ``vlm_config`` (a Qwen3-VL folder's) or a ready ``vlm`` module replace the
+    VLM ``config`` would build; their sizes must agree with ``config``'s. ``layout`` is the
+    checkpoint layout ``save_pretrained`` writes by default, ``layout_info`` what that
+    layout needs to be written back (``formats.py`` fills both when loading)."""
+
+    def __init__(self, config: PolicyConfig, tokenizer: PreTrainedTokenizerFast | None = None,
+                 vlm_config: Qwen3VLConfig | None = None,
+                 vlm: Qwen3VLForConditionalGeneration | None = None):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
         if len(self.tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, more than "
                              f"vocab_size={config.vocab_size}")
-        self.vlm = Qwen3VLForConditionalGeneration(
-            config.vlm_config(special_token_ids(self.tokenizer))
-        )
+        token_ids = special_token_ids(self.tokenizer)
+        if vlm is None:
+            vlm = Qwen3VLForConditionalGeneration(vlm_config or config.vlm_config(token_ids))
+        check_vlm_config(config, vlm.config)
+        self.vlm = vlm
+        self.layout = "srdrl"
+        self.layout_info: dict = {}
         self.expert = ActionExpert(
             num_layers=config.num_layers,
             hidden=config.expert_hidden_size,
@@ -168,12 +151,9 @@ class VLAPolicy(nn.Module):
             head_dim=config.head_dim,
             eps=config.rms_norm_eps,
         )
-        self.action_in_proj = ActionInProjection(
-            config.action_dim, config.num_waypoints, config.expert_hidden_size,
-            config.fourier_frequencies,
-        )
+        self.action_in_proj = build_action_in_proj(config)
         self.action_out_proj = nn.Linear(config.expert_hidden_size, config.action_dim)
-        self.action_space = ActionSpace()
+        self.action_space = ActionSpace(config.action_mean, config.action_std)
         self.input_builder = VLMInputBuilder(self.tokenizer, config)
 
     @property
@@ -280,7 +260,19 @@ class VLAPolicy(nn.Module):
         return build_context(
             keys, values, prefix.key_mask, candidates, cfg.num_waypoints,
             cfg.expert_num_attention_heads // cfg.num_key_value_heads, workspace, capacity,
+            self.action_rotary(prefix.key_mask.device),
         )
+
+    def action_rotary(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) (T, head_dim) float32 of text positions 0..T-1 with the VLM's own RoPE
+        frequencies (the prefix keys are shifted to match); None for the legacy encoder."""
+        if self.config.action_encoder == "legacy":
+            return None
+        positions = torch.arange(self.config.num_waypoints, device=device)
+        positions = positions.view(1, 1, -1).expand(3, 1, -1)  # (3, 1, T): t = h = w
+        rotary = self.vlm.model.language_model.rotary_emb
+        cos, sin = rotary(torch.empty(0, device=device), positions)  # (1, T, D) float32
+        return cos[0], sin[0]
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: ExpertContext) -> torch.Tensor:
         """Predicted velocity (M, 64, 2) for x_t (M, 64, 2) at t (M,), context of M rows."""
@@ -313,7 +305,8 @@ class VLAPolicy(nn.Module):
                              f"{prefix.num_scenes} scenes x (..., 64, 2)")
         x1 = x1.flatten(0, 1).float()  # (M, T, 2)
         x0 = draw(torch.randn, x1.shape, generator, x1.device)  # (M, T, 2)
-        t = draw(torch.rand, x1.shape[:1], generator, x1.device)  # (M,)
+        t = flow_times(draw(torch.rand, x1.shape[:1], generator, x1.device),
+                       self.config.flow_time_distribution)  # (M,)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
         context = self.expert_context(prefix, candidates=per_scene)
         v = self.velocity(x_t, t, context).float()
@@ -326,32 +319,43 @@ class VLAPolicy(nn.Module):
         return loss[:, 0] if single else loss
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        # fresh CPU copies: parameters may be views into a larger flat buffer (DeepSpeed
-        # ZeRO-1/2), which safetensors refuses to save as they are
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in
-                 self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
-        save_tokenizer(self.tokenizer, directory)
+    def save_pretrained(self, directory: str | Path, layout: str | None = None,
+                        max_shard_size: int | str = "5GB") -> Path:
+        """Write the policy to a local folder in ``layout`` ('srdrl', 'qwen3_vl' or
+        'alpamayo_r1'; default: the layout it was loaded from), weights in shards of at most
+        ``max_shard_size``. See ``formats.py``."""
+        from srdrl.policy.formats import save_policy
+
+        return save_policy(self, directory, layout or self.layout, max_shard_size)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None, dtype=None, **overrides
                         ) -> VLAPolicy:
-        """Load a checkpoint written by ``save_pretrained`` from a local directory.
-        ``overrides`` replace config fields that do not change shapes (e.g.
-        ``stop_gradient_to_vlm``)."""
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{directory} is not a policy checkpoint (no {CONFIG_FILE})")
-        config = PolicyConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-        policy = cls(replace(config, **overrides), load_tokenizer(directory))
-        load_model(policy, str(directory / WEIGHTS_FILE), strict=True)
+        """Load a policy from a local folder in any layout ``formats.detect_layout`` knows.
+        ``overrides`` replace config fields (``vlm_path``, ``init_seed``: see
+        ``formats.load_policy``)."""
+        from srdrl.policy.formats import load_policy
+
+        policy = load_policy(directory, **overrides)
         if device is not None or dtype is not None:
             policy = policy.to(device=device, dtype=dtype)
         return policy
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload the folder ``save_pretrained`` writes to a Hugging Face Hub repository
+        (``huggingface_hub``'s ``create_repo`` and ``upload_folder``); see ``hub.py``."""
+        from srdrl.policy.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+def check_vlm_config(config: PolicyConfig, vlm_config: Qwen3VLConfig) -> None:
+    """The VLM sizes ``config`` states must be the VLM's (the expert is built from them)."""
+    wrong = {name: (getattr(config, name), value)
+             for name, value in vlm_fields(vlm_config).items() if getattr(config, name) != value}
+    if wrong:
+        raise ValueError("PolicyConfig disagrees with the VLM's config (field: policy, VLM): "
+                         + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in wrong.items()))
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
