@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+OPTIMIZERS = ("deepspeed_adamw", "torch_fused_adamw")
+"""--optimizer values (srdrl.optimizer); the first is the default."""
+
 
 @dataclass
 class RewardConfig:
@@ -153,6 +156,12 @@ class TrainConfig:
     these flags. Empty: the built-in srdrl/ds_config.json (ZeRO-2)."""
     zero_stage: int | None = None
     """Override the config's ZeRO stage (0, 1, 2 or 3)."""
+    optimizer: str = OPTIMIZERS[0]
+    """Which AdamW steps the parameters: deepspeed_adamw (DeepSpeed builds it from the config's
+    optimizer block; torch's foreach AdamW with torch_adam) or torch_fused_adamw (torch's
+    fused AdamW kernel, built from that block's lr, betas, eps and weight_decay and handed to
+    DeepSpeed as a client optimiser; ZeRO, clipping, bf16 and the schedule unchanged). A
+    checkpoint resumes only with the optimizer it was saved with."""
     per_device_train_batch_size: int = 4
     """Scenes per device per micro-step."""
     gradient_accumulation_steps: int = 1
@@ -209,6 +218,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                             f"{self.optimizer!r}")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("per_device_train_batch_size and gradient_accumulation_steps "
                              "must be >= 1")
