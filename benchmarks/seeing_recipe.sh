@@ -20,16 +20,20 @@ EPOCHS="${EPOCHS:-4}"
 BATCH="${BATCH:-16}"
 
 start=$(date +%s)
-srdrl-make-data --output_dir "$RUN/data" --num_scenes "$SCENES" --seed 0 --label_noise 0.3
-srdrl-make-data --output_dir "$RUN/test" --num_scenes "$TEST_SCENES" --seed 1 --label_noise 0.3 \
-    --val_fraction 0.01
+# data already written by an earlier call of this script are kept
+[ -f "$RUN/data/val.jsonl" ] ||
+    srdrl-make-data --output_dir "$RUN/data" --num_scenes "$SCENES" --seed 0 --label_noise 0.3
+[ -f "$RUN/test/val.jsonl" ] ||
+    srdrl-make-data --output_dir "$RUN/test" --num_scenes "$TEST_SCENES" --seed 1 \
+        --label_noise 0.3 --val_fraction 0.01
 made=$(date +%s)
 srdrl-train --data_path "$RUN/data/train.jsonl" --eval_data_path "$RUN/data/val.jsonl" \
     --output_dir "$RUN/run" --overwrite_output_dir --num_train_epochs "$EPOCHS" \
     --per_device_train_batch_size "$BATCH" --logging_steps 50 --eval_samples 0
 trained=$(date +%s)
 srdrl-eval --policy "$RUN/run/policy" --data_path "$RUN/test/train.jsonl" \
-    --output_dir "$RUN/eval" --reasoning_modes generated oracle --num_seeds 3 --pictures 4
+    --output_dir "$RUN/eval" --reasoning_modes generated oracle --num_seeds 3 --pictures 4 \
+    --batch_size 32
 done_at=$(date +%s)
 python3 - "$RUN/eval/eval_report.json" <<'EOF'
 import json, sys
