@@ -37,7 +37,7 @@ srdrl-eval --policy "$RUN/run/policy" --data_path "$RUN/test/train.jsonl" \
 done_at=$(date +%s)
 python3 - "$RUN/eval/eval_report.json" <<'EOF'
 import json, sys
-report = json.load(open(sys.argv[1]))
+report = json.load(open(sys.argv[1]))["evaluation"]
 keys = ("reasoning_hazard_side_accuracy", "reasoning_hazard_kind_accuracy",
         "reasoning_manoeuvre_accuracy", "hazard_crossing_rate_in_path_scenes")
 rows = [("camera", report["modes"])] + [
