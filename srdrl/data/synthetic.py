@@ -127,6 +127,13 @@ def make_scene_record(cfg: SyntheticDataConfig, index: int, *, split: str, root:
     }
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def make_dataset(cfg: SyntheticDataConfig, progress: bool = True) -> dict[str, Path]:
     """Write the dataset; returns the paths of ``train`` and ``val`` JSONL files. Scenes are
     drawn and rendered by ``cfg.workers`` processes and written in index order."""
@@ -135,7 +142,7 @@ def make_dataset(cfg: SyntheticDataConfig, progress: bool = True) -> dict[str, P
     num_val = max(1, round(cfg.val_fraction * cfg.num_scenes))
     splits = {"train": range(cfg.num_scenes - num_val), "val": range(cfg.num_scenes - num_val,
                                                                       cfg.num_scenes)}
-    workers = min(cfg.workers or os.cpu_count() or 1, cfg.num_scenes)
+    workers = min(cfg.workers or usable_cores(), cfg.num_scenes)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     paths = {}
     bar = tqdm(total=cfg.num_scenes, desc="scenes", disable=not progress, unit="scene")
