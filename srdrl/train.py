@@ -222,7 +222,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
         write_json(out / TRAIN_CONFIG, full_config)
 
     train_path, val_path = prepare_data(cfg, rank)
-    dataset = JsonlDataset(train_path)
+    dataset = JsonlDataset(train_path, cfg.frame_paths_layout)
     if len(dataset) < cfg.per_device_train_batch_size * world:
         raise UserError(f"{train_path} has {len(dataset)} scenes, fewer than one global "
                         f"batch ({cfg.per_device_train_batch_size} x {world} ranks)")
@@ -355,8 +355,8 @@ def final_evaluation(exported: Path, train_set, val_path, cfg, rewards, out: Pat
 
     device = "cuda" if torch.cuda.is_available() else None
     policy = VLAPolicy.from_pretrained(exported, device=device)
-    report = evaluate_policy(policy, JsonlDataset(val_path), num_samples=cfg.eval_samples,
-                             rewards=rewards)
+    report = evaluate_policy(policy, JsonlDataset(val_path, cfg.frame_paths_layout),
+                             num_samples=cfg.eval_samples, rewards=rewards)
     print_summary(report)
     if all("label_noisy" in r["eval"] for r in train_set.records):
         report["gate_diagnostics"] = gate_diagnostics(train_set, rewards)
