@@ -41,7 +41,7 @@ SCALES = {
                   test=10, width=128, height=96, base_steps=3, steps=2, batch=2,
                   eval_samples=2, variants=["v1"], resamples=200, min_test_in_path=0),
     "full": dict(noise=[0.0, 0.1, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1, 2],
-                 source=2000, target=1000, val=200, test=560, width=640, height=384,
+                 source=2000, target=1000, val=200, test=600, width=640, height=384,
                  base_steps=6000, steps=1000, batch=4, eval_samples=4,
                  variants=["v1", "v2"], resamples=4000, min_test_in_path=300),
 }
