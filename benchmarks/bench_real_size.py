@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,8 +57,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     bf16_matmul_peak,
+    count_step_flops,
     device_info,
-    time_cuda,
+    time_steps,
     training_step,
     write_json,
 )
@@ -198,27 +197,6 @@ def build(args, texts, device):
     return engine, module, counts, build_s
 
 
-def count_flops(engine, module, one_step, checkpointing: bool) -> int:
-    """FLOPs of one training step as the model defines them: eager sampler (a graph replay
-    is invisible to the counter; it runs the same kernels) and no recomputation."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from srdrl.policy.kv_recompute import set_vlm_gradient_checkpointing
-
-    objective = module.objective
-    module.objective = replace(objective, use_cuda_graph=False)
-    if checkpointing:
-        set_vlm_gradient_checkpointing(module.policy, False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            one_step()
-    finally:
-        module.objective = objective
-        if checkpointing:
-            set_vlm_gradient_checkpointing(module.policy, True)
-    return counter.get_total_flops()
-
-
 def memory_table(sizes: dict, activations: float) -> list[dict]:
     rows = []
     for stage in (2, 3):
@@ -281,18 +259,14 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        times = list(time_cuda(one_step, iters=args.steps, warmup=0).times_s)
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            one_step()
-            times.append(time.perf_counter() - start)
-        resident = peak = None
-    phases = {k: v / args.steps for k, v in sorted(timer.collect().items())}  # ms per step
-    step_s = statistics.median(times)
-    flops = count_flops(engine, module, one_step, args.gradient_checkpointing)
+    timing, per_step = time_steps(one_step, timer, args.steps)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    if not cuda:
+        resident = None
+    phases = {k: sum(s.get(k, 0.0) for s in per_step) / args.steps
+              for k in sorted(set().union(*per_step))}  # mean ms per step
+    times, step_s = list(timing.times_s), timing.median_s
+    flops = count_step_flops(module, one_step, args.gradient_checkpointing).total
     peak_rate = bf16_matmul_peak() if cuda else None
     sizes = part_sizes(module)
     # what one step adds on top of weights and optimizer state: activations, gradients of

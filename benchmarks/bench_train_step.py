@@ -1,26 +1,48 @@
-"""Benchmark: one SRD-RL training step at the `bench` policy, split into its phases.
+"""Benchmark: one SRD-RL training step at the `bench` policy, split into its phases, with
+the model-FLOP utilisation of each phase.
 
-Variants, each a fresh DeepSpeed engine on the same batch (bf16, torch AdamW, 1 GPU):
+Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
 
   zero2_graph   ZeRO-2, sampler replayed from a CUDA graph, Triton scoring (the default)
   zero2_eager   ZeRO-2, eager sampler, Triton scoring
-  zero3         ZeRO-3, parameters gathered, eager sampler before the forward pass
+  zero3         ZeRO-3, sampling inside the forward pass, eager (ZeRO-3's hooks gather the
+                expert's parameters as it runs)
   original      the original pipeline's choices: one candidate at a time (each sample
                 re-encodes its scene and runs its own Euler loop at batch 1) and the
                 OpenCV reference loop for scoring, ZeRO-2
 
-Per variant: median step time (``common.time_cuda``: CUDA events around forward + backward
-+ optimiser step, after warm-up; the VLM inputs are built outside the step, as the
-DataLoader's workers do in training), the split into vlm_forward / supervised / sampling /
-scoring / awr / backward / optimizer_step (CUDA events per phase, mean over the timed
-steps), scenes/s and peak device memory
-over the timed steps. Targets: sampling + scoring <= 25% of the step; the step >= 5x the
-original pipeline; ZeRO-3 peak memory below ZeRO-2's (needs several GPUs to show: with one
-rank ZeRO-3 has nothing to partition across).
+each under every optimiser of ``--optimizers`` (srdrl.optimizer: DeepSpeed's AdamW from
+the config, torch_adam; torch's fused AdamW as a client optimiser), ``original`` under the
+first only. Results are named ``variant/optimizer``.
+
+Per run: median step time (``common.time_steps``: CUDA events around forward + backward +
+optimiser step, after warm-up; the VLM inputs are built outside the step, as the
+DataLoader's workers do in training), scenes/s, peak device memory, and per phase
+
+  prefix_encode   the VLM's teacher-forced pass (section vlm_forward)
+  sampling        the N flow-matching candidates per scene (generation + sampling)
+  scoring         rewards of label + candidates
+  loss_forward    supervised flow matching, consistency and the AWR term (supervised + awr)
+  backward        engine.backward
+  optimizer_step  engine.step
+  other           the step's median minus the phases' (DeepSpeed's forward wrapper, the
+                  metrics' host sync, launch gaps)
+
+the median ms over the timed steps (``srdrl.timing.SectionTimer``, CUDA events), the FLOPs
+of one untimed step after the timed ones (``srdrl.timing.FlopSections``, i.e.
+``torch.utils.flop_counter.FlopCounterMode``, eager sampler), TFLOP/s, and MFU: FLOPs /
+time / the bf16 matmul rate measured in the same run (``common.bf16_matmul_peak``), also for
+the whole step. FlopCounterMode counts matmul-class operations only, so scoring (Triton)
+and the optimiser step (elementwise) show 0 FLOPs: their limit is bandwidth, not MFU.
+Targets: sampling + scoring <= 25% of the step; the step >= 5x the original pipeline;
+ZeRO-3 peak memory below ZeRO-2's (needs several GPUs to show: with one rank ZeRO-3 has
+nothing to partition across).
 
     python benchmarks/bench_train_step.py [--scenes 8 --samples 4 --steps 10]
+    python benchmarks/bench_train_step.py --smoke   # tiny policy on CPU: checks it runs;
+                                                    # its wall-clock figures mean nothing
 
-Prints the GPU, versions and a table last; writes $OUT/bench_train_step.json.
+Prints the GPU, versions and tables last; writes $OUT/bench_train_step.json.
 """
 
 from __future__ import annotations
@@ -28,6 +50,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -35,9 +59,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, time_cuda, training_step, write_json  # noqa: E402
+from common import (  # noqa: E402
+    bf16_matmul_peak,
+    count_step_flops,
+    device_info,
+    time_steps,
+    training_step,
+    write_json,
+)
+
+from srdrl.config import OPTIMIZERS  # noqa: E402
 
 VARIANTS = ("zero2_graph", "zero2_eager", "zero3", "original")
+PHASES = {"prefix_encode": ("vlm_forward",), "sampling": ("generation", "sampling"),
+          "scoring": ("scoring",), "loss_forward": ("supervised", "awr"),
+          "backward": ("backward",), "optimizer_step": ("optimizer_step",)}
+"""Reported phase -> the srdrl_loss / train_step sections it sums."""
 
 
 def parse_args(argv=None):
@@ -45,13 +82,22 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="bench")
     p.add_argument("--scenes", type=int, default=8, help="B, scenes per step")
     p.add_argument("--samples", type=int, default=4, help="N, policy samples per scene")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--flow_steps", type=int, default=10, help="Euler steps of the sampler")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--original-steps", type=int, default=2, help="timed steps of 'original'")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=384)
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny policy on CPU, small images, wall clock (checks that it runs)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.preset, args.scenes, args.samples, args.flow_steps = "tiny", 2, 2, 2
+        args.steps, args.original_steps, args.warmup = 2, 1, 1
+        args.width, args.height = 128, 96
+    return args
 
 
 def one_at_a_time(policy, batch, num_samples, steps, noise_scale_step, generator,
@@ -73,67 +119,143 @@ def one_at_a_time(policy, batch, num_samples, steps, noise_scale_step, generator
             torch.cat(trajs).view(-1, n, *trajs[0].shape[2:]))
 
 
-def run_variant(name, args, batch, texts):
-    import deepspeed
+def phase_rows(per_step: list[dict], flops, step_ms: float, peak: float | None) -> dict:
+    """Per phase (and 'other', 'total'): median ms, FLOPs, TFLOP/s and MFU against ``peak``
+    (FLOP/s; None on CPU)."""
+    def row(ms: float, count: int) -> dict:
+        rate = count / (ms * 1e-3) if ms > 0 else None
+        return {"ms_median": ms, "flops": count, "tflops_per_s": rate and rate / 1e12,
+                "mfu": rate / peak if rate is not None and peak else None}
 
+    rows = {phase: row(statistics.median(sum(s.get(k, 0.0) for k in sections)
+                                         for s in per_step),
+                       sum(flops.per_section.get(k, 0) for k in sections))
+            for phase, sections in PHASES.items()}
+    rows["other"] = row(max(step_ms - sum(r["ms_median"] for r in rows.values()), 0.0),
+                        flops.total - sum(r["flops"] for r in rows.values()))
+    rows["total"] = row(step_ms, flops.total)
+    return rows
+
+
+def run_variant(name, optimizer, args, batch, texts, peak):
     from srdrl.config import ObjectiveConfig, RewardConfig
-    from srdrl.engine import SRDRLModule
+    from srdrl.engine import SRDRLModule, initialize_engine
     from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer, sample_trajectories
     from srdrl.policy.model import VLM_INPUTS_KEY
     from srdrl.timing import SectionTimer
 
+    cuda = torch.cuda.is_available()
     stage = 3 if name == "zero3" else 2
     ds = {"train_micro_batch_size_per_gpu": args.scenes, "gradient_accumulation_steps": 1,
-          "train_batch_size": args.scenes, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+          "train_batch_size": args.scenes, "gradient_clipping": 1.0, "bf16": {"enabled": cuda},
           "zero_optimization": {"stage": stage},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95],
+                                                    "eps": 1e-8, "weight_decay": 0.01,
+                                                    "torch_adam": True}},
           "steps_per_print": 10**9}
-    objective = ObjectiveConfig(num_trajectory_samples=args.samples,
+    objective = ObjectiveConfig(num_trajectory_samples=args.samples, flow_steps=args.flow_steps,
                                 use_cuda_graph=(name == "zero2_graph"))
-    rewards = RewardConfig(scoring_backend="reference" if name == "original" else "triton")
+    backend = "reference" if name == "original" else ("triton" if cuda else "kornia")
+    rewards = RewardConfig(scoring_backend=backend)
     torch.manual_seed(0)
     config = PolicyConfig.preset(args.preset)
     module = SRDRLModule(VLAPolicy(config, build_tokenizer(config, texts)), objective, rewards,
                          zero_stage=stage,
                          sampler=one_at_a_time if name == "original" else sample_trajectories)
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                      config=ds)
+    engine, _ = initialize_engine(module, ds, optimizer)
     # As in training, the DataLoader's workers build the VLM inputs ahead of the step.
     batch = {**batch, VLM_INPUTS_KEY: module.policy.input_builder(batch)}
-    timer = SectionTimer()
+    timer = SectionTimer(cuda=cuda)
     one_step = training_step(engine, batch, args.scenes, timer)
 
     for _ in range(args.warmup):
         one_step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     timer.collect()  # drop the warm-up's sections
-    timed = args.original_steps if name == "original" else args.steps
-    timing = time_cuda(one_step, iters=timed, warmup=0)
-    phases = {k: v / timed for k, v in sorted(timer.collect().items())}  # mean ms per step
-    peak = torch.cuda.max_memory_allocated()
+    timing, per_step = time_steps(one_step, timer,
+                                  args.original_steps if name == "original" else args.steps)
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    flops = count_step_flops(module, one_step)  # one more, untimed, eager step
     median = 1e3 * timing.median_s
+    phases = phase_rows(per_step, flops, median, peak)
     result = {"step_ms_median": median, "step_ms_all": [1e3 * t for t in timing.times_s],
-              "phases_ms": phases, "scenes_per_s": args.scenes / timing.median_s,
-              "peak_memory_gib": peak / 2**30,
+              "timing": "cuda events" if cuda else "wall clock (smoke: not a result)",
+              "phases": phases, "sections_ms_per_step": per_step,
+              "scenes_per_s": args.scenes / timing.median_s, "peak_memory_gib": peak_memory,
               "sampling_plus_scoring_fraction":
-                  (phases.get("sampling", 0) + phases.get("scoring", 0)) / median}
+                  (phases["sampling"]["ms_median"] + phases["scoring"]["ms_median"]) / median}
     engine = module = None  # free the GPU memory before the next variant
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
+
+
+def runs(args) -> list[tuple[str, str]]:
+    return [(v, o) for v in args.variants
+            for o in (args.optimizers[:1] if v == "original" else args.optimizers)]
+
+
+def ratios(results: dict) -> dict:
+    out = {}
+
+    def step(key):
+        return results[key]["step_ms_median"] if key in results else None
+
+    first = next(iter(results)).split("/")[1]
+    for base, other, label in [("original", "zero2_graph", "zero2_graph_vs_original"),
+                               ("zero2_eager", "zero2_graph", "graph_vs_eager_step")]:
+        a, b = step(f"{base}/{first}"), step(f"{other}/{first}")
+        if a and b:
+            out[label] = a / b
+    for variant in VARIANTS:
+        a, b = (results.get(f"{variant}/{o}") for o in OPTIMIZERS)
+        if a and b:
+            out[f"{variant}_fused_vs_deepspeed_step"] = a["step_ms_median"] / b["step_ms_median"]
+            out[f"{variant}_fused_vs_deepspeed_optimizer_step"] = (
+                a["phases"]["optimizer_step"]["ms_median"]
+                / max(b["phases"]["optimizer_step"]["ms_median"], 1e-9))
+    return out
+
+
+def print_tables(results: dict, peak: float | None) -> None:
+    cols = list(PHASES) + ["other"]
+    print(f"{'run':<30} {'step ms':>9} {'scenes/s':>9} {'peak GiB':>9} {'samp+score':>10} "
+          f"{'MFU':>6} " + " ".join(f"{c[:10]:>10}" for c in cols))
+    for name, r in results.items():
+        mem = r["peak_memory_gib"]
+        mfu = r["phases"]["total"]["mfu"]
+        print(f"{name:<30} {r['step_ms_median']:9.1f} {r['scenes_per_s']:9.1f} "
+              f"{mem if mem is not None else float('nan'):9.2f} "
+              f"{100 * r['sampling_plus_scoring_fraction']:9.1f}% "
+              f"{100 * mfu if mfu is not None else float('nan'):5.1f}% "
+              + " ".join(f"{r['phases'][c]['ms_median']:10.1f}" for c in cols))
+    print(f"\nper phase: median ms / GFLOP counted / MFU % (bf16 matmul peak "
+          f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s measured in this run)")
+    for name, r in results.items():
+        cells = []
+        for c in cols + ["total"]:
+            row = r["phases"][c]
+            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+            cells.append(f"{c} {row['ms_median']:.1f}/{row['flops'] / 1e9:.1f}/{mfu}")
+        print(f"{name:<30} " + "  ".join(cells))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_train_step needs CUDA")
+    if args.smoke:  # before anything asks CUDA: the engine then places everything on the CPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
+        print("bench_train_step needs CUDA (or --smoke)")
         return 1
     from srdrl.data.dataset import JsonlDataset, collate
     from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
     from srdrl.engine import init_distributed
 
     init_distributed()
+    peak = bf16_matmul_peak() if torch.cuda.is_available() else None
     with tempfile.TemporaryDirectory() as tmp:
         make_dataset(SyntheticDataConfig(output_dir=tmp, num_scenes=args.scenes + 2,
                                          width=args.width, height=args.height, seed=0),
@@ -142,31 +264,21 @@ def main(argv=None) -> int:
         batch = collate([ds[i] for i in range(args.scenes)])
         texts = [r["reasoning"] for r in ds.records]
     results = {}
-    for name in args.variants:
-        results[name] = run_variant(name, args, batch, texts)
-        print(name, json.dumps({k: v for k, v in results[name].items() if k != "step_ms_all"}),
-              flush=True)
+    for variant, optimizer in runs(args):
+        key = f"{variant}/{optimizer}"
+        results[key] = run_variant(variant, optimizer, args, batch, texts, peak)
+        print(key, json.dumps({k: v for k, v in results[key].items()
+                               if k not in ("step_ms_all", "sections_ms_per_step")}), flush=True)
     info = {**device_info(), "scenes": args.scenes, "samples": args.samples,
-            "preset": args.preset, "image": f"{args.width}x{args.height}"}
-    ratios = {}
-    if "original" in results and "zero2_graph" in results:
-        ratios["zero2_graph_vs_original"] = (results["original"]["step_ms_median"]
-                                             / results["zero2_graph"]["step_ms_median"])
-    if "zero2_eager" in results and "zero2_graph" in results:
-        ratios["graph_vs_eager_step"] = (results["zero2_eager"]["step_ms_median"]
-                                         / results["zero2_graph"]["step_ms_median"])
-    write_json("bench_train_step.json", {"info": info, "results": results, "ratios": ratios})
+            "flow_steps": args.flow_steps, "preset": args.preset,
+            "image": f"{args.width}x{args.height}", "smoke": args.smoke,
+            "bf16_matmul_peak_tflops_per_s": peak / 1e12 if peak else None}
+    found = ratios(results)
+    write_json("bench_train_step.json", {"info": info, "results": results, "ratios": found})
     print(f"\n{info}")
-    cols = ["vlm_forward", "supervised", "sampling", "scoring", "awr", "backward",
-            "optimizer_step"]
-    print(f"{'variant':<12} {'step ms':>9} {'scenes/s':>9} {'peak GiB':>9} {'samp+score':>10} "
-          + " ".join(f"{c[:9]:>9}" for c in cols))
-    for name, r in results.items():
-        print(f"{name:<12} {r['step_ms_median']:9.1f} {r['scenes_per_s']:9.1f} "
-              f"{r['peak_memory_gib']:9.2f} {100 * r['sampling_plus_scoring_fraction']:9.1f}% "
-              + " ".join(f"{r['phases_ms'].get(c, 0.0):9.1f}" for c in cols))
-    for k, v in ratios.items():
-        print(f"{k}: {v:.1f}x")
+    print_tables(results, peak)
+    for k, v in found.items():
+        print(f"{k}: {v:.2f}x")
     return 0
 
 

@@ -11,7 +11,7 @@ is started another way::
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import copy_bandwidth, device_info, time_cuda, write_json  # noqa: E402
 
-API (all timing needs CUDA; nothing here falls back to host timers):
+API (all timing needs CUDA; only ``time_steps`` falls back to the wall clock, for smoke runs):
 
 ``time_cuda(fn, *, iters=100, warmup=10, flush_l2=False) -> Timing``
     Calls ``fn()`` ``warmup`` times, synchronises, then ``iters`` times, each call between
@@ -44,8 +44,19 @@ interpolation; the one sample when there is one), and ``summary(unit="s", percen
 
 ``training_step(engine, batch, num_scenes, timer) -> Callable[[], None]``
     A callable that runs one ``srdrl.engine.train_step`` on ``batch`` with fresh per-scene
-    noise on each call (scene numbers counted on), its phases timed by ``timer``; what
-    the training-step benchmarks time.
+    noise on each call (scene numbers counted on), its phases timed by ``timer`` (or by
+    the timer passed to the call); what the training-step benchmarks time.
+
+``time_steps(one_step, timer, iters) -> tuple[Timing, list[dict]]``
+    Runs ``one_step()`` ``iters`` times (no warm-up) and returns the per-step times (CUDA
+    events as ``time_cuda`` with CUDA, else the wall clock: figures for a smoke run only)
+    and, per step, ``timer.collect()`` (ms per section of that step).
+
+``count_step_flops(module, one_step, checkpointing=False) -> FlopSections``
+    Runs one untimed step under ``srdrl.timing.FlopSections`` with an eager sampler (a CUDA
+    graph's replay is invisible to the counter; it runs the same kernels) and, with
+    ``checkpointing``, the VLM's gradient checkpointing off (recomputation is not model
+    FLOPs). ``one_step(timer)`` must pass the timer to ``train_step``.
 
 ``write_json(name, payload) -> Path``
     Writes ``payload`` as indented JSON to ``$OUT/<name>`` (``.json`` appended if missing;
@@ -60,6 +71,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,10 +202,45 @@ def training_step(engine, batch: dict, num_scenes: int, timer) -> Callable[[], N
 
     calls = [0]
 
-    def step() -> None:
+    def step(section_timer=None) -> None:
         i = calls[0]
         calls[0] += 1
         noise = SceneNoise(list(range(i * num_scenes, (i + 1) * num_scenes)))
-        train_step(engine, batch, noise, timer)
+        train_step(engine, batch, noise, section_timer or timer)
 
     return step
+
+
+def time_steps(one_step: Callable[[], None], timer, iters: int) -> tuple[Timing, list[dict]]:
+    """Per-step times and per-step section times; see the module docstring."""
+    times, sections = [], []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            times += time_cuda(one_step, iters=1, warmup=0).times_s
+        else:
+            start = time.perf_counter()
+            one_step()
+            times.append(time.perf_counter() - start)
+        sections.append(timer.collect())
+    return Timing(tuple(times)), sections
+
+
+def count_step_flops(module, one_step: Callable, checkpointing: bool = False):
+    """FLOPs of one step, per section; see the module docstring."""
+    from dataclasses import replace
+
+    from srdrl.policy.kv_recompute import set_vlm_gradient_checkpointing
+    from srdrl.timing import FlopSections
+
+    objective = module.objective
+    module.objective = replace(objective, use_cuda_graph=False)
+    if checkpointing:
+        set_vlm_gradient_checkpointing(module.policy, False)
+    try:
+        with FlopSections() as flops:
+            one_step(flops)
+    finally:
+        module.objective = objective
+        if checkpointing:
+            set_vlm_gradient_checkpointing(module.policy, True)
+    return flops

@@ -5,6 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+OPTIMIZERS = ("deepspeed_adamw", "torch_fused_adamw")
+"""--optimizer values (srdrl.optimizer); the first is the default."""
+
+FRAME_LAYOUTS = ("frames", "frames_then_scoring_image")
+"""How a data line's frame_paths are read (srdrl/data/dataset.py)."""
+
+
+def check_frame_paths_layout(layout: str) -> None:
+    if layout not in FRAME_LAYOUTS:
+        raise ValueError(f"frame_paths_layout must be one of {', '.join(FRAME_LAYOUTS)}, got "
+                         f"{layout!r}")
+
 
 @dataclass
 class RewardConfig:
@@ -183,6 +195,10 @@ class TrainConfig:
     """Training JSONL. Empty: generate the synthetic off-road data in output_dir/data."""
     eval_data_path: str | None = None
     """Validation JSONL. Empty: val.jsonl beside data_path, when it exists."""
+    frame_paths_layout: str = "frames"
+    """How a line's frame_paths are read: frames (every entry a camera frame, the last at t0
+    is scored) or frames_then_scoring_image (the original SRD-RL script's: frames, then the
+    image the rewards score; a missing history is straight at 5 m/s)."""
     output_dir: str = "outputs/srdrl"
     """Checkpoints, metrics (metrics.jsonl, TensorBoard), the exported policy and the report."""
     policy: str = "tiny"
@@ -193,6 +209,12 @@ class TrainConfig:
     these flags. Empty: the built-in srdrl/ds_config.json (ZeRO-2)."""
     zero_stage: int | None = None
     """Override the config's ZeRO stage (0, 1, 2 or 3)."""
+    optimizer: str = OPTIMIZERS[0]
+    """Which AdamW steps the parameters: deepspeed_adamw (DeepSpeed builds it from the config's
+    optimizer block; torch's foreach AdamW with torch_adam) or torch_fused_adamw (torch's
+    fused AdamW kernel, built from that block's lr, betas, eps and weight_decay and handed to
+    DeepSpeed as a client optimiser; ZeRO, clipping, bf16 and the schedule unchanged). A
+    checkpoint resumes only with the optimizer it was saved with."""
     per_device_train_batch_size: int = 4
     """Scenes per device per micro-step."""
     gradient_accumulation_steps: int = 1
@@ -249,6 +271,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check_frame_paths_layout(self.frame_paths_layout)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                             f"{self.optimizer!r}")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("per_device_train_batch_size and gradient_accumulation_steps "
                              "must be >= 1")
@@ -304,6 +330,10 @@ class EvalConfig:
     local only."""
     data_path: str
     """Validation JSONL with the evaluation fields clean_trajectory and hazards."""
+    frame_paths_layout: str = "frames"
+    """How a line's frame_paths are read: frames (every entry a camera frame, the last at t0
+    is scored) or frames_then_scoring_image (the original SRD-RL script's: frames, then the
+    image the rewards score; a missing history is straight at 5 m/s)."""
     output_dir: str | None = None
     """Where eval_report.json, eval_scenes.jsonl and pictures/ go. Empty: POLICY/eval."""
     train_data_path: str | None = None
@@ -342,6 +372,7 @@ class EvalConfig:
     from CUDA graphs (transformers' own); the first batch of each shape compiles."""
 
     def __post_init__(self):
+        check_frame_paths_layout(self.frame_paths_layout)
         modes = ("generated", "oracle", "none")
         if (not self.reasoning_modes or any(m not in modes for m in self.reasoning_modes)
                 or len(set(self.reasoning_modes)) != len(self.reasoning_modes)):

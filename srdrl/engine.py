@@ -31,6 +31,7 @@ from torch import nn
 from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig
 from srdrl.errors import ConfigError, UserError
 from srdrl.objective import ConsistencyHeads, srdrl_loss
+from srdrl.optimizer import DEFAULT_OPTIMIZER, client_adamw_settings, fused_adamw_factory
 from srdrl.policy import VLAPolicy, sample_trajectories
 from srdrl.rewards import score_candidates
 from srdrl.timing import NULL_TIMER
@@ -71,7 +72,9 @@ def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     The built-in file's values are defaults that the flags replace. In a file of the user's
     (--deepspeed_config), a batch size, accumulation, learning rate or ZeRO stage that
     disagrees with a flag is an error naming both, and a ``scheduler`` block is refused
-    (srdrl's schedule is --warmup_steps then cosine, saved with the engine).
+    (srdrl's schedule is --warmup_steps then cosine, saved with the engine). With
+    ``--optimizer torch_fused_adamw`` the optimizer block must describe AdamW
+    (``srdrl.optimizer.client_adamw_settings``).
     """
     builtin = cfg.deepspeed_config is None
     path = Path(cfg.deepspeed_config or DEFAULT_DEEPSPEED_CONFIG)
@@ -114,6 +117,8 @@ def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     for key in ("bf16", "fp16"):
         if ds.get(key, {}).get("enabled") == "auto":
             ds[key]["enabled"] = torch.cuda.is_available() and key == "bf16"
+    if cfg.optimizer != DEFAULT_OPTIMIZER:
+        client_adamw_settings(ds, path)  # a conflict fails here, before any work
     return ds
 
 
@@ -129,6 +134,25 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
+
+
+def initialize_engine(module: nn.Module, ds_config: dict, optimizer: str = DEFAULT_OPTIMIZER,
+                      lr_lambda=None):
+    """``deepspeed.initialize`` on the module's trainable parameters with the optimiser
+    ``optimizer`` names (``srdrl.optimizer``) and, given ``lr_lambda``, a LambdaLR on it;
+    returns (engine, scheduler or None)."""
+    import deepspeed
+
+    client = None
+    if optimizer != DEFAULT_OPTIMIZER:
+        client = fused_adamw_factory(client_adamw_settings(ds_config, "the DeepSpeed config"))
+        ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    schedule = None if lr_lambda is None else (
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=ds_config, optimizer=client, lr_scheduler=schedule)
+    return engine, scheduler
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from srdrl.cli import parse_config
 from srdrl.config import EvalConfig, RewardConfig
-from srdrl.data.dataset import DataError, JsonlDataset, collate
+from srdrl.data.dataset import DataError, JsonlDataset, collate, scored_images
 from srdrl.data.render import render_frames
 from srdrl.data.scenes import sample_scene
 from srdrl.errors import run_command
@@ -280,7 +280,7 @@ def draw_pictures(dataset: JsonlDataset, scenes: list[dict], out: Path, count: i
     for s in chosen:
         sample, rec = dataset[s["index"]], dataset.records[s["index"]]
         items.append({
-            "image": sample["images"][-1].numpy(), "K": sample["K"].numpy(),
+            "image": scored_images(sample).numpy(), "K": sample["K"].numpy(),
             "T_cam_from_ego": sample["T_cam_from_ego"].numpy(),
             "label": rec["trajectory"], "clean": np.asarray(rec["eval"]["clean_trajectory"]),
             "predictions": s["predictions"], "label_noisy": bool(s["label_noisy"]),
@@ -359,8 +359,9 @@ def run(cfg: EvalConfig, rewards: RewardConfig) -> dict:
     """Evaluate, diagnose the gate, draw; write OUTPUT_DIR/eval_report.json. Returns the
     report."""
     paths = resolve_paths(cfg)
-    val = JsonlDataset(paths["data"])
-    train = JsonlDataset(paths["train"]) if paths["train"] is not None else None
+    val = JsonlDataset(paths["data"], cfg.frame_paths_layout)
+    train = (JsonlDataset(paths["train"], cfg.frame_paths_layout) if paths["train"] is not None
+             else None)
     device = "cuda" if torch.cuda.is_available() else None
     policy = VLAPolicy.from_pretrained(paths["model"], device=device)
     out = paths["out"]

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from srdrl.config import RewardConfig
-from srdrl.data.dataset import DataError, JsonlDataset, collate
+from srdrl.data.dataset import DataError, JsonlDataset, collate, scored_images
 from srdrl.rewards import RewardTerms, score_candidates
 
 
@@ -61,10 +61,10 @@ def score_labels(
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton (auto) needs CUDA
     for batch in tqdm(loader, desc="gate", unit="batch", disable=not progress, leave=False):
-        t = {k: batch[k].to(device) for k in ("images", "trajectory", "ego_history_xyz", "K",
+        t = {k: batch[k].to(device) for k in ("trajectory", "ego_history_xyz", "K",
                                                "T_cam_from_ego")}
         label = t["trajectory"]  # (B, T, 3)
-        terms = scorer(t["images"][:, -1], label[:, None], label,
+        terms = scorer(scored_images(batch).to(device), label[:, None], label,
                                  t["ego_history_xyz"], t["K"], t["T_cam_from_ego"],
                                  batch["reasoning_text"], cfg)
         out["safety"] += terms.safety[:, 0].tolist()

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srdrl.config import ObjectiveConfig, RewardConfig
+from srdrl.data.dataset import scored_images
 from srdrl.exploration import trajectory_noise
 from srdrl.policy.generation import generate_reasoning, reasoning_prefix
 from srdrl.policy.model import Prefix, VLAPolicy
@@ -151,7 +152,7 @@ def _score(scorer, batch, candidates, label, cfg: RewardConfig, texts: list[str]
            ) -> RewardTerms:
     device = candidates.device
     return scorer(
-        batch["images"][:, -1].to(device), candidates, label,
+        scored_images(batch).to(device), candidates, label,
         batch["ego_history_xyz"].to(device), batch["K"].to(device),
         batch["T_cam_from_ego"].to(device), list(texts), cfg,
     )

@@ -13,6 +13,25 @@ the labelled trajectory (docs/DESIGN.md, "Rewards and the trust gate"):
   and the label's own path looks unsafe (safety < unsafe_threshold, or with
   trust_gate_mode 'relative' the best sample is safer by more than gate_safety_margin);
 - reward = w_safety * safety + w_gt * gt_weight * gt_sim + w_reasoning * alignment.
+
+Intent rule (``parse_intent``): the reasoning is read for instructions, not descriptions.
+The lateral intent is the side named by the *first* steering instruction; only when there
+is none does a straight instruction give "straight", so a later "then continue straight"
+(the return to the track) never overrides a side. A steering instruction is a steering verb
+(``_STEER_VERBS``, bare or -ing form) followed by filler words (``_STEER_FILLERS``: over,
+slightly, to, the, around, ...) and then left or right; a straight instruction is a verb of
+``_STRAIGHT_VERBS``, fillers (on, going, along, the, ...) and then straight, centre,
+middle, course, heading, line, lane, track, path, road or trail. An instruction does not
+count when it is negated (not, never, no, cannot, without, instead, rather, or a word
+ending in n't, in the same clause with at most two words between it and the verb; avoid
+directly before the verb) or when it describes something else (the verb's subject, the word
+before it or before one auxiliary such as is / will, is a hazard, the track, it / they /
+this or a relative pronoun that / which / who). Clauses end at punctuation and at and / but
+/ so / then. Hence a side without an instruction verb in front is a location ("mud at the
+edge on the left"); pass and edge are not steering verbs ("rocks pass on the left"); "the
+water that is heading left" describes the water. Longitudinal: stop, stopping, halt,
+standstill give "stop", else slow-, brak-, decelerat-, reduc- with speed in the next two
+words, ease off give "slow", each counting only when not negated.
 """
 
 from __future__ import annotations
@@ -41,25 +60,132 @@ def danger_confidence(text: str) -> float:
 
 
 # --------------------------------------------------------------------------- intent
+#
+# The intent rule is stated in the module docstring and in docs/DESIGN.md; the word lists
+# below are its vocabulary. Text is read as lower-case words; punctuation and the
+# conjunctions in _CLAUSE_WORDS end a clause.
 
-# An intent is an instruction: a motion verb, a few filler words, then the direction.
-# A location ("mud on the left", "the left side is blocked") has no motion verb in front
-# of its direction word, so it is not an intent.
-_VERB = (r"(?:steer|mov|keep|shift|nudg|swerv|veer|go|turn|stay|pass|detour|bear|head|driv"
-         r"|pull|edg|hug)\w*")
-_FILLER = r"(?:it|over|slightly|a|bit|little|gently|well|around|to|the|on|towards?|further|more)"
-_LATERAL = re.compile(rf"\b{_VERB}(?:\s+{_FILLER})*\s+(left|right)\b", re.IGNORECASE)
-_STRAIGHT = re.compile(
-    r"\b(?:keep|go|continu|driv|stay|head|proceed|carry)\w*\s+(?:on\s+)?(?:going\s+)?straight\b"
-    r"|\bmaintain\w*\s+(?:the\s+|our\s+)?(?:course|heading|line)\b"
-    r"|\bstay\w*\s+on\s+(?:course|track|the\s+track)\b",
-    re.IGNORECASE,
-)
-_STOP = re.compile(r"\b(?:stop|stopping|halt|standstill)\b", re.IGNORECASE)
-_SLOW = re.compile(r"\b(?:slow\w*|brak\w*|decelerat\w*|reduc\w*\s+(?:the\s+)?speed|ease\s+off)\b",
-                   re.IGNORECASE)
-_NEGATION = re.compile(r"\b(?:no\s+need\s+to|not|don't|do\s+not|never|without)\s+(?:\w+\s+)?$",
-                       re.IGNORECASE)
+_STEER_VERBS = {  # bare form: -ing form
+    "steer": "steering", "move": "moving", "keep": "keeping", "shift": "shifting",
+    "nudge": "nudging", "swerve": "swerving", "veer": "veering", "go": "going",
+    "turn": "turning", "stay": "staying", "detour": "detouring", "bear": "bearing",
+    "head": "heading", "drive": "driving", "pull": "pulling", "hug": "hugging",
+    "take": "taking", "aim": "aiming", "hold": "holding", "get": "getting", "cut": "cutting",
+    "swing": "swinging", "stick": "sticking", "ease": "easing", "favour": "favouring",
+    "favor": "favoring",
+}
+_STEER_FILLERS = {
+    "over", "slightly", "a", "bit", "little", "gently", "well", "around", "to", "the", "on",
+    "onto", "into", "toward", "towards", "further", "farther", "more", "far", "hard",
+    "sharply", "just", "for", "our", "your", "my", "it", "off", "out", "across",
+}
+_SIDES = {"left": "left", "leftward": "left", "leftwards": "left",
+          "right": "right", "rightward": "right", "rightwards": "right"}
+_STRAIGHT_VERBS = {
+    "keep": "keeping", "go": "going", "continue": "continuing", "drive": "driving",
+    "stay": "staying", "head": "heading", "proceed": "proceeding", "carry": "carrying",
+    "hold": "holding", "maintain": "maintaining", "follow": "following",
+    "stick": "sticking", "remain": "remaining",
+}
+_STRAIGHT_FILLERS = {
+    "on", "going", "driving", "moving", "dead", "in", "to", "the", "along", "our", "my",
+    "your", "this", "same", "current", "of",
+}
+_STRAIGHT_TARGETS = {
+    "straight", "centre", "center", "middle", "course", "heading", "line", "lane", "track",
+    "path", "road", "trail",
+}
+# A verb whose subject is one of these describes what that thing does or where it lies.
+_THING_SUBJECTS = {
+    "mud", "rock", "rocks", "stone", "stones", "water", "puddle", "puddles", "pool",
+    "hazard", "hazards", "obstacle", "obstacles", "track", "road", "path", "trail", "ground",
+    "patch", "field", "band", "pile", "terrain", "edge", "shoulder", "side", "it", "they",
+    "this", "that", "which", "who",
+}
+_AUXILIARIES = {"is", "are", "was", "were", "will", "would", "can", "could", "may", "might",
+                "should", "must", "also"}
+_NEGATIONS = {"not", "never", "no", "without", "instead", "rather", "cannot"}
+_CLAUSE_WORDS = {"and", "but", "so", "then"}
+_STOP_WORDS = {"stop", "stopping", "halt", "standstill"}
+_SLOW_STEMS = ("slow", "brak", "decelerat")
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[.,;:!?()\[\]]")
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words and numbers, and punctuation marks that end a clause (one token
+    each); other characters (hyphens, quotes) only separate words."""
+    return _TOKEN.findall(text.lower().replace("\u2019", "'"))
+
+
+def _is_word(token: str) -> bool:
+    return token[0].isalnum()
+
+
+def _negated(words: list[str], i: int) -> bool:
+    """A negation in the same clause with at most two words between it and word ``i``
+    (``avoid`` only directly before it)."""
+    for back in range(1, 4):
+        j = i - back
+        if j < 0 or not _is_word(words[j]) or words[j] in _CLAUSE_WORDS:
+            return False
+        w = words[j]
+        if w in _NEGATIONS or w.endswith("n't") or (back == 1 and w in ("avoid", "avoiding")):
+            return True
+    return False
+
+
+def _described(words: list[str], i: int) -> bool:
+    """The verb at ``i`` has a thing (a hazard, the track) or a relative pronoun as its
+    subject: the word before it, or the one before an auxiliary."""
+    j = i - 1
+    if j >= 0 and words[j] in _AUXILIARIES:
+        j -= 1
+    return j >= 0 and words[j] in _THING_SUBJECTS
+
+
+def _counts(words: list[str], i: int) -> bool:
+    return not _negated(words, i) and not _described(words, i)
+
+
+def _phrase_end(words, i, verbs, fillers, ends) -> str | None:
+    """The end word when words[i] is a verb of ``verbs`` (bare or -ing), then fillers, then a
+    word of ``ends``; else None."""
+    if words[i] not in verbs and words[i] not in verbs.values():
+        return None
+    j = i + 1
+    while j < len(words) and words[j] in fillers:
+        j += 1
+    return words[j] if j < len(words) and words[j] in ends else None
+
+
+def _first(words: list[str], match) -> str | None:
+    for i in range(len(words)):
+        found = match(words, i)
+        if found is not None and _counts(words, i):
+            return found
+    return None
+
+
+def _steering_side(words, i):
+    end = _phrase_end(words, i, _STEER_VERBS, _STEER_FILLERS, _SIDES)
+    return None if end is None else _SIDES[end]
+
+
+def _straight(words, i):
+    end = _phrase_end(words, i, _STRAIGHT_VERBS, _STRAIGHT_FILLERS, _STRAIGHT_TARGETS)
+    return None if end is None else "straight"
+
+
+def _longitudinal(words: list[str]) -> str | None:
+    stop = slow = False
+    for i, w in enumerate(words):
+        if w in _STOP_WORDS:
+            stop |= not _negated(words, i)
+        elif w.startswith(_SLOW_STEMS) or (
+            w.startswith("reduc") and "speed" in words[i + 1: i + 3]) or (
+                w == "ease" and words[i + 1: i + 2] == ["off"]):
+            slow |= not _negated(words, i)
+    return "stop" if stop else "slow" if slow else None
 
 
 @dataclass(frozen=True)
@@ -72,23 +198,12 @@ class Intent:
         return self.lateral is not None or self.longitudinal is not None
 
 
-def _affirmed(pattern: re.Pattern, text: str) -> list[re.Match]:
-    return [m for m in pattern.finditer(text) if not _NEGATION.search(text[: m.start()])]
-
-
 @functools.lru_cache(maxsize=4096)
 def parse_intent(text: str) -> Intent:
-    """The manoeuvre the reasoning asks for. The last affirmed instruction wins."""
-    lateral_hits = [(m.start(), m.group(1).lower()) for m in _affirmed(_LATERAL, text)]
-    lateral_hits += [(m.start(), "straight") for m in _affirmed(_STRAIGHT, text)]
-    lateral = max(lateral_hits)[1] if lateral_hits else None
-    if _affirmed(_STOP, text):
-        longitudinal = "stop"
-    elif _affirmed(_SLOW, text):
-        longitudinal = "slow"
-    else:
-        longitudinal = None
-    return Intent(lateral, longitudinal)
+    """The manoeuvre the reasoning asks for, by the intent rule (module docstring)."""
+    words = _words(text)
+    lateral = _first(words, _steering_side) or _first(words, _straight)
+    return Intent(lateral, _longitudinal(words))
 
 
 _LATERAL_CODE = {None: 0, "left": 1, "right": 2, "straight": 3}
@@ -116,12 +231,16 @@ def motion_alignment(
 ) -> torch.Tensor:
     """Agreement (B, C) in [0, 1] of each candidate's motion with its scene's intent.
 
-    Lateral: the signed deviation from the history's arc extrapolated at constant
-    curvature (y - kappa x^2 / 2; y is left); "right" wants the deviation to reach
-    -LATERAL_FULL without going left, "left" the mirror, "straight" wants it within
-    STRAIGHT_SLACK. Longitudinal: "slow" wants the path's length at most 60% of the
-    constant-speed extrapolation (none at 95%), "stop" wants the final speed at most half
-    the current one going to zero. Stated parts are averaged; nothing stated is neutral.
+    Lateral, from dev = y - kappa x^2 / 2, the signed deviation (y is left) from the
+    history's arc extrapolated at constant curvature kappa: "right" is
+    clamp(-min dev / S) * (1 - clamp(max dev / S)) with S = LATERAL_FULL, i.e. the largest
+    deviation toward the stated side, full at S, discounted only by how far the path goes
+    to the other side; a swerve that returns to the track loses nothing. "left" is the
+    mirror; "straight" is full while |dev| stays within STRAIGHT_SLACK and falls to zero
+    S further. Longitudinal: "slow" is full when the path's length is at most 60% of the
+    constant-speed extrapolation and zero from 95%; "stop" is full at standstill on the
+    last step and zero from half the current speed. Stated parts are averaged; nothing
+    stated is ``neutral``.
     """
     v0, kappa = history_motion(history.to(candidates.dtype))  # (B,)
     x, y = candidates[..., 0], candidates[..., 1]  # (B, C, T)

@@ -4,8 +4,8 @@ Each optimiser step, on every rank:
 
 1. encode the batch's prompt + reasoning with the VLM once (teacher-forced: language loss);
 2. flow matching toward the labelled trajectory's actions (supervised term);
-3. sample N trajectories per scene under no_grad from the same prefix (CUDA graph at ZeRO
-   0-2 on GPU; eager inside ``deepspeed.zero.GatheredParameters`` at ZeRO-3);
+3. sample N trajectories per scene under no_grad from the same prefix, inside the forward
+   pass (CUDA graph at ZeRO 0-2 on GPU; eager at ZeRO-3, its hooks gathering parameters);
 4. score the label and the N samples (visual path safety, label similarity through the
    trust gate, reasoning alignment) and train toward the best with AWR;
 5. total = language + traj_loss_weight * traj + rl_loss_weight * AWR
@@ -65,6 +65,7 @@ from srdrl.engine import (
     DivergenceGuard,
     SRDRLModule,
     init_distributed,
+    initialize_engine,
     resolve_deepspeed_config,
     train_step,
     warmup_cosine,
@@ -72,6 +73,7 @@ from srdrl.engine import (
 )
 from srdrl.errors import UserError, run_command
 from srdrl.metrics_log import MetricsLog
+from srdrl.optimizer import DEFAULT_OPTIMIZER
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
 from srdrl.policy.kv_recompute import set_vlm_gradient_checkpointing
 from srdrl.policy.lora import (
@@ -189,10 +191,18 @@ def write_checkpoint_policy(policy: VLAPolicy, folder: Path) -> None:
     save_lora_adapters(policy, folder / ADAPTERS)
 
 
+def check_same_optimizer(loaded: dict, optimizer: str) -> None:
+    """A checkpoint's optimiser state resumes only under the optimiser that wrote it (torch
+    restores a param group's fused/foreach flags from the file); checkpoints from before
+    --optimizer existed are deepspeed_adamw's."""
+    saved = loaded.get("srdrl_optimizer", DEFAULT_OPTIMIZER)
+    if saved != optimizer:
+        raise UserError(f"the checkpoint was saved with --optimizer {saved}, this run asks for "
+                        f"{optimizer}; resume with --optimizer {saved}")
+
+
 def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
           lora: LoraSettings | None = None) -> dict:
-    import deepspeed
-
     rank, world, device = init_distributed()
     out = Path(cfg.output_dir)
     resuming = cfg.resume  # --resume_from_checkpoint PATH implies it
@@ -212,7 +222,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
         write_json(out / TRAIN_CONFIG, full_config)
 
     train_path, val_path = prepare_data(cfg, rank)
-    dataset = JsonlDataset(train_path)
+    dataset = JsonlDataset(train_path, cfg.frame_paths_layout)
     if len(dataset) < cfg.per_device_train_batch_size * world:
         raise UserError(f"{train_path} has {len(dataset)} scenes, fewer than one global "
                         f"batch ({cfg.per_device_train_batch_size} x {world} ranks)")
@@ -231,12 +241,8 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     if cfg.gradient_checkpointing:
         set_vlm_gradient_checkpointing(policy)
     module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(cfg.warmup_steps, plan.total_steps)),
-    )
+    engine, scheduler = initialize_engine(module, ds_config, cfg.optimizer,
+                                          warmup_cosine(cfg.warmup_steps, plan.total_steps))
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     if rank == 0 and zero_stage == 3 and objective.rl_loss_weight > 0:
@@ -252,6 +258,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
         path = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
         loaded = load_checkpoint(engine, out, rank, path=path)
         if loaded is not None:
+            check_same_optimizer(loaded, cfg.optimizer)
             progress.update({k: loaded[k] for k in progress})
             pending_metrics = loaded.get("metrics_pending")
             if rank == 0:
@@ -269,7 +276,8 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     scenes_per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
 
     def checkpoint():
-        state = {**progress, "metrics_pending": log.state()}
+        # not "optimizer": DeepSpeed's own state under that name shares the client-state dict
+        state = {**progress, "srdrl_optimizer": cfg.optimizer, "metrics_pending": log.state()}
         save_checkpoint(engine, out, state, rank, save_total_limit=cfg.save_total_limit,
                         train_config=full_config,
                         export=functools.partial(write_checkpoint_policy,
@@ -347,8 +355,8 @@ def final_evaluation(exported: Path, train_set, val_path, cfg, rewards, out: Pat
 
     device = "cuda" if torch.cuda.is_available() else None
     policy = VLAPolicy.from_pretrained(exported, device=device)
-    report = evaluate_policy(policy, JsonlDataset(val_path), num_samples=cfg.eval_samples,
-                             rewards=rewards)
+    report = evaluate_policy(policy, JsonlDataset(val_path, cfg.frame_paths_layout),
+                             num_samples=cfg.eval_samples, rewards=rewards)
     print_summary(report)
     if all("label_noisy" in r["eval"] for r in train_set.records):
         report["gate_diagnostics"] = gate_diagnostics(train_set, rewards)

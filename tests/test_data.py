@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from srdrl.camera import default_camera, project_points
-from srdrl.data.dataset import DataError, JsonlDataset, collate, read_jsonl
+from srdrl.data.dataset import DataError, JsonlDataset, collate, read_jsonl, scored_images
 from srdrl.data.render import TERRAIN, render_frame
 from srdrl.data.scenes import (
     Hazard,
@@ -17,7 +17,7 @@ from srdrl.data.scenes import (
     constant_speed_trajectory,
     sample_scene,
 )
-from srdrl.data.synthetic import SyntheticDataConfig, main, make_dataset
+from srdrl.data.synthetic import SyntheticDataConfig, main, make_dataset, synthetic_camera
 from srdrl.footprint import VEHICLE_HALF_WIDTH, footprint_crosses
 
 
@@ -28,9 +28,9 @@ def _make(tmp_path, name="d", **kw):
     return tmp_path / name
 
 
-def test_generator_is_deterministic(tmp_path):
-    a = _make(tmp_path, "a", seed=3, frames=2)
-    b = _make(tmp_path, "b", seed=3, frames=2)
+def test_generator_is_deterministic_for_any_worker_count(tmp_path):
+    a = _make(tmp_path, "a", seed=3, frames=2, workers=1)
+    b = _make(tmp_path, "b", seed=3, frames=2, workers=3)
     c = _make(tmp_path, "c", seed=4, frames=2)
     for split in ("train", "val"):
         assert (a / f"{split}.jsonl").read_text() == (b / f"{split}.jsonl").read_text()
@@ -193,7 +193,7 @@ def test_image_size_must_match_camera(tmp_path):
     K, T = default_camera(64, 48)
     cam = {"K": K.tolist(), "T_cam_from_ego": T.tolist(), "width": 64, "height": 48}
     with pytest.raises(DataError, match=r"data\.jsonl:1: field 'camera.width'/'camera.height' "
-                                        r"say 64x48, but the images are 40x30"):
+                                        r"say 64x48, but the scored image is 40x30"):
         JsonlDataset(_write(tmp_path, [_good(camera=cam)], image_size=(40, 30)))
 
 
@@ -210,7 +210,8 @@ def test_generated_data_passes_the_checks_with_its_camera(tmp_path):
     root = _make(tmp_path, num_scenes=12, frames=2)
     ds = JsonlDataset(root / "train.jsonl")
     assert all(r["camera"]["width"] == 64 and r["camera"]["height"] == 48 for r in ds.records)
-    K, T = default_camera(64, 48)
+    K, T = (torch.from_numpy(m) for m in synthetic_camera(SyntheticDataConfig(
+        output_dir="", width=64, height=48)))
     torch.testing.assert_close(ds[0]["K"], K.float(), atol=1e-4, rtol=0)  # rounded to 4 places
     torch.testing.assert_close(ds[0]["T_cam_from_ego"], T.float(), atol=1e-4, rtol=0)
 
@@ -222,3 +223,69 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     main(["--output_dir", str(tmp_path / "ok"), "--num_scenes", "3", "--width", "32",
           "--height", "24"])
     assert (tmp_path / "ok" / "train.jsonl").is_file()
+
+
+def _write_original_layout(tmp_path, frame_size=(40, 30), scoring_size=(80, 60), **kw):
+    """A line as the original SRD-RL script wrote them: four frames, then the scoring image;
+    no history, no camera; the label at 8 m/s."""
+    rng = np.random.default_rng(1)
+    names = []
+    for k, size in enumerate([frame_size] * 4 + [scoring_size]):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8)).save(
+            tmp_path / f"o{k}.png")
+        names.append(f"o{k}.png")
+    record = {"frame_paths": names, "reasoning": "Mud ahead on the left; steer right.",
+              "trajectory": [[0.8 * (i + 1), 0.0] for i in range(64)], **kw}
+    path = tmp_path / "original.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def test_original_script_layout_frames_then_scoring_image(tmp_path):
+    path = _write_original_layout(tmp_path)
+    item = JsonlDataset(path, "frames_then_scoring_image")[0]
+    assert item["images"].shape == (4, 30, 40, 3)
+    scoring = np.asarray(Image.open(tmp_path / "o4.png"))
+    assert np.array_equal(scored_images(item).numpy(), scoring)  # (60, 80, 3), not a frame
+    K, T = default_camera(80, 60)  # the camera belongs to the scored image
+    torch.testing.assert_close(item["K"], K.float())
+    hist = item["ego_history_xyz"]  # the original's synthetic history: 5 m/s, not the label's 8
+    assert torch.allclose(hist[:, 1:], torch.zeros(16, 2))
+    torch.testing.assert_close(hist[1:, 0] - hist[:-1, 0], torch.full((15,), 0.5))
+    batch = collate([item, item])
+    assert scored_images(batch).shape == (2, 60, 80, 3)
+    # read as srdrl's own layout the same line is five frames of two sizes: refused
+    with pytest.raises(DataError, match=r"original\.jsonl:1: field 'frame_paths\[4\]' .* is "
+                                        r"80x60, but frame_paths\[0\] is 40x30"):
+        JsonlDataset(path)
+
+
+def test_scored_image_is_the_last_frame_in_srdrl_layout(tmp_path):
+    item = JsonlDataset(_write_original_layout(tmp_path, scoring_size=(40, 30)))[0]
+    assert item["images"].shape == (5, 30, 40, 3) and "scoring_image" not in item
+    assert torch.equal(scored_images(item), item["images"][-1])
+    assert torch.equal(scored_images(collate([item]))[0], item["images"][-1])
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"frame_paths": ["o0.png"]}, r"original\.jsonl:1: field 'frame_paths' must hold at "
+                                      r"least one frame and then the scoring image"),
+        ({"camera": "default40x30"}, r"original\.jsonl:1: field 'camera.width'/'camera.height' "
+                                     r"say 40x30, but the scored image is 80x60"),
+    ],
+)
+def test_original_layout_errors_name_line_and_field(tmp_path, kw, message):
+    if kw.get("camera") == "default40x30":
+        K, T = default_camera(40, 30)
+        kw = {"camera": {"K": K.tolist(), "T_cam_from_ego": T.tolist(), "width": 40,
+                         "height": 30}}
+    with pytest.raises(DataError, match=message):
+        JsonlDataset(_write_original_layout(tmp_path, **kw), "frames_then_scoring_image")
+
+
+def test_unknown_frame_paths_layout_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="frame_paths_layout must be one of frames, "
+                                         "frames_then_scoring_image, got 'scoring_first'"):
+        JsonlDataset(_write_original_layout(tmp_path), "scoring_first")

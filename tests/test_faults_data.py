@@ -175,7 +175,7 @@ def _scaled_T():
         (_camera(height=None), "camera.height", r"is missing"),
         (_camera(width=-40), "camera.width", r"positive integer"),
         (_camera(K=default_camera(2 * W, 2 * H)[0].tolist(), width=2 * W, height=2 * H),
-         "camera.width", r"say 80x60, but the images are 40x30"),
+         "camera.width", r"say 80x60, but the scored image is 40x30"),
     ],
     ids=["zero-K", "singular-K", "K-other-resolution", "K-last-row", "nan-K", "zero-T",
          "T-not-rotation", "T-shape", "no-width", "no-height", "negative-width",

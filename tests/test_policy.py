@@ -330,7 +330,7 @@ def test_flow_matching_overfits_a_few_scenes():
 
     before, error_before = eval_loss(), sample_error()
     g = torch.Generator().manual_seed(2)
-    for _ in range(100):
+    for _ in range(150):  # with 60 image tokens in the prefix (320x192 input) 100 gave 3x
         loss = p.flow_matching_loss(prefix, targets.unsqueeze(1).expand(-1, 4, -1, -1),
                                     generator=g)
         opt.zero_grad()

@@ -8,6 +8,7 @@ import torch
 
 from srdrl.camera import default_camera
 from srdrl.config import RewardConfig
+from srdrl.data import scenes
 from srdrl.data.render import render_frame
 from srdrl.data.scenes import (
     Hazard,
@@ -44,39 +45,98 @@ def test_danger_confidence(text, count):
     assert danger_confidence(text) == pytest.approx(min(count / 3, 1))
 
 
-@pytest.mark.parametrize(
-    "text, lateral, longitudinal",
-    [
-        ("Mud patch ahead on the left at 14 m; steer right to pass it.", "right", None),
-        ("Hazard on the left, go right.", "right", None),
-        ("There is water on the right side of the track about 9 m out, so move left.",
-         "left", None),
-        ("The left side is blocked by rocks at 12 m; shift right to avoid it.", "right", None),
-        ("I see mud 10 m ahead, right of centre; nudge to the left.", "left", None),
-        ("Detour right: a pile of stones sits on the left of the track 20 m ahead.",
-         "right", None),
-        ("Rocks covers the right half of the track in 15 m. Keep left and go around it.",
-         "left", None),
-        ("Clear dirt track ahead; keep straight.", "straight", None),
-        ("Nothing on the path; maintain course along the track.", "straight", None),
-        ("Water on the left shoulder does not block the track; stay on course.",
-         "straight", None),
-        ("Rocks off to the left of the track, clear of our path; keep straight.",
-         "straight", None),
-        ("Water across the whole track at 12 m; slow down and stop before it.", None, "stop"),
-        ("The track is blocked by mud 11 m ahead. Brake and come to a stop.", None, "stop"),
-        ("Mud spans the full width ahead at 9 m, so slow down to a halt.", None, "stop"),
-        ("Bumpy section ahead, slow down.", None, "slow"),
-        ("Slow down and steer right around the puddle.", "right", "slow"),
-        ("Don't go left, move right instead.", "right", None),
-        ("No need to stop here; keep straight.", "straight", None),
-        ("Mud on the left.", None, None),  # a location, not an instruction
-        ("The sky is blue and the track is dry.", None, None),
-        ("", None, None),
-    ],
-)
+# Known answers for the intent rule (docs/DESIGN.md, "Rewards and the trust gate"): the
+# issue's four misreadings, every synthetic template, and free text a small model may write.
+INTENT_TABLE = [
+    # descriptions after the instruction do not override it
+    ("Steer right; there is mud at the edge on the left.", "right", None),
+    ("Move right. Rocks pass on the left.", "right", None),
+    ("Steer right to avoid the water that is heading left.", "right", None),
+    ("Steer right to pass the mud, then continue straight.", "right", None),
+    # the synthetic templates (srdrl/data/scenes.py)
+    ("I see mud on the left side of the track ahead; steer right to pass it.", "right", None),
+    ("Ahead: water on the right half of the track, so I will keep left.", "left", None),
+    ("Looking ahead, I spot rocks over the left side of the track. Move to the right and go "
+     "around it.", "right", None),
+    ("There is a patch of mud on the right of the track. Shift left to avoid it, then "
+     "continue straight.", "left", None),
+    ("I see water across the whole track ahead; slow down and stop before it.", None, "stop"),
+    ("Ahead: rocks across the full width of the track. Brake and come to a stop.", None, "stop"),
+    ("Looking ahead, I spot mud blocking the whole track, so slow down to a halt.",
+     None, "stop"),
+    ("There is a patch of water across the full track with no way around. Stop before "
+     "reaching it.", None, "stop"),
+    ("I see rocks off to the left of the track, clear of our path; keep straight.",
+     "straight", None),
+    ("Ahead: mud beyond the right edge of the track, not in the way. Continue straight.",
+     "straight", None),
+    ("Looking ahead, I spot water on the left shoulder, which does not block the track; "
+     "stay on course.", "straight", None),
+    ("There is a patch of rocks on the right shoulder, outside the track. Keep going "
+     "straight.", "straight", None),
+    ("I see a clear dirt track ahead; keep straight.", "straight", None),
+    ("Ahead: the track is smooth and clear. Continue straight at a steady speed.",
+     "straight", None),
+    ("Looking ahead, I spot nothing on the track; maintain course.", "straight", None),
+    ("There is a clear dirt road ahead, nothing in the way. Go straight.", "straight", None),
+    # free text
+    ("Mud ahead on the left, so I will keep right.", "right", None),
+    ("There is water on the right; move to the left side.", "left", None),
+    ("No hazards; keep going straight.", "straight", None),
+    ("Rocks block the track: slow down and stop.", None, "stop"),
+    ("Don't turn left, go right.", "right", None),
+    ("Stay left of the rocks.", "left", None),
+    ("Don't go left, move right instead.", "right", None),
+    ("Mud on the left, which means we should move right.", "right", None),
+    ("Rocks that go right up to the edge; keep left.", "left", None),
+    ("Water heading left; keep right.", "right", None),
+    ("Keep straight for now, then move right around the mud.", "right", None),
+    ("The rocks are on the right, so veer slightly to the left and then return to the track.",
+     "left", None),
+    ("Avoid the mud by steering right.", "right", None),
+    ("Avoid turning left; the rocks are there.", None, None),
+    ("I would not steer right here; the right side is muddy. Steer left.", "left", None),
+    ("We do not need to swerve left; hold our line.", "straight", None),
+    ("Go around it on the right.", "right", None),
+    ("Head for the right side of the track.", "right", None),
+    ("A puddle on the right-hand side; nudge leftwards.", "left", None),
+    ("Mud ahead; I'm going to move right.", "right", None),
+    ("STEER LEFT NOW!", "left", None),
+    ("The track turns right; stay on course.", "straight", None),
+    ("The road bends left ahead; follow the track.", "straight", None),
+    ("Keep to the centre of the track.", "straight", None),
+    ("Slow down and steer right around the puddle.", "right", "slow"),
+    ("Without slowing down, bear left around the water.", "left", None),
+    ("Pull over to the right and come to a halt.", "right", "stop"),
+    ("Reduce speed and keep to the left of the rocks.", "left", "slow"),
+    ("Ease off and drive straight on.", "straight", "slow"),
+    ("There is no need to slow down; the track is clear, continue straight.", "straight", None),
+    ("No need to stop here; keep straight.", "straight", None),
+    ("Bumpy section ahead, slow down.", None, "slow"),
+    ("Mud on the left.", None, None),  # a location, not an instruction
+    ("The sky is blue and the track is dry.", None, None),
+    ("", None, None),
+]
+
+
+@pytest.mark.parametrize("text, lateral, longitudinal", INTENT_TABLE)
 def test_parse_intent(text, lateral, longitudinal):
     assert parse_intent(text) == Intent(lateral, longitudinal)
+
+
+def test_intent_table_covers_the_templates():
+    """Every synthetic template, filled in, is a row of the table above."""
+    rows = {text for text, _, _ in INTENT_TABLE}
+    filled = {template.format(kind=kind, hside=hside, go=go)
+              for template, (kind, hside, go) in zip(
+                  [*scenes._SWERVE, *scenes._STOP, *scenes._DISTRACTOR, *scenes._CLEAR],
+                  [("mud", "left", "right"), ("water", "right", "left"),
+                   ("rocks", "left", "right"), ("mud", "right", "left"),
+                   ("water", "", ""), ("rocks", "", ""), ("mud", "", ""), ("water", "", ""),
+                   ("rocks", "left", ""), ("mud", "right", ""), ("water", "left", ""),
+                   ("rocks", "right", ""), *[("", "", "")] * len(scenes._CLEAR)],
+                  strict=True)}
+    assert filled <= rows, filled - rows
 
 
 def test_parse_intent_matches_every_generated_scene():
@@ -116,6 +176,27 @@ def test_motion_alignment_judges_the_candidate_against_the_words(intent, best):
         assert torch.all(score[others] < 0.5), score
     else:  # slow: the stop and the half-speed path slow down, the others do not
         assert score[3] > 0.9 and score[4] > 0.9 and torch.all(score[:3] < 0.1)
+
+
+@pytest.mark.parametrize(
+    "dips, right, left, straight",
+    [
+        ((-0.75, 0.0), 0.5, 0.0, 0.7),  # half-way right and back: returning costs nothing
+        ((-3.0, 0.0), 1.0, 0.0, 0.0),  # past LATERAL_FULL: full credit
+        ((-0.75, 0.3), 0.4, 0.1, 0.7),  # crossing 0.3 m to the other side costs 0.3 / 1.5
+        ((0.2, -0.2), 0.2 / 1.5 * (1 - 0.2 / 1.5), 0.2 / 1.5 * (1 - 0.2 / 1.5), 1.0),
+    ],
+)
+def test_lateral_alignment_known_answers(dips, right, left, straight):
+    """On a straight history dev = y: right = clamp(-min y / 1.5) (1 - clamp(max y / 1.5)),
+    left the mirror, straight = 1 - clamp((max |y| - 0.3) / 1.5)."""
+    path = constant_speed_trajectory(5.0, 0.0)
+    path[20:30, 1], path[40:50, 1] = dips  # (64, 3): a step one way, later one the other
+    cands = torch.tensor(path)[None, None]
+    hist = torch.tensor(centreline_history(5.0, 0.0))[None]
+    got = [motion_alignment(cands, hist, [Intent(side, None)], 0.5).item()
+           for side in ("right", "left", "straight")]
+    assert got == pytest.approx([right, left, straight], abs=1e-9)
 
 
 def test_motion_alignment_neutral_and_curved_track():

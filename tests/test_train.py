@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from srdrl.cli import parse_config
@@ -156,3 +157,21 @@ def test_lora_run_exports_merged_weights_and_adapters(tmp_path, data):
         assert (folder / "adapters" / "expert" / "adapter_model.safetensors").is_file()
         policy = VLAPolicy.from_pretrained(folder)  # plain names: the adapters merged in
         assert not any("lora_" in n for n, _ in policy.named_parameters())
+
+
+@pytest.mark.slow
+def test_original_script_lines_train_without_conversion(tmp_path, data):
+    """Lines as the original script wrote them (four frames then the scoring image, no
+    history) train with --frame_paths_layout frames_then_scoring_image."""
+    lines = []
+    for line in Path(data).read_text().splitlines():
+        record = json.loads(line)
+        frame = str(Path(data).parent / record["frame_paths"][-1])
+        record["frame_paths"] = [frame] * 4 + [frame]
+        del record["ego_history_xyz"]
+        lines.append(json.dumps(record))
+    original = tmp_path / "original.jsonl"
+    original.write_text("\n".join(lines) + "\n")
+    rows = _train(tmp_path / "run", original, "--frame_paths_layout", "frames_then_scoring_image")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and 0.0 <= r["safety"] <= 1.0 for r in rows)

@@ -4,11 +4,18 @@ Each line is one scene. Required fields: ``frame_paths`` (list of image paths, t
 t0; relative paths are resolved against the JSONL file's directory), ``reasoning`` (str)
 and ``trajectory`` (64 x 2 or 64 x 3, ego frame at t0, metres; 64 x 2 gets z = 0).
 
+``frame_paths`` is read by one of ``srdrl.config.FRAME_LAYOUTS`` (``--frame_paths_layout``):
+``frames`` (srdrl's own: every entry is a camera frame the VLM sees, oldest first, and the
+last one, at t0, is the image the rewards score) or ``frames_then_scoring_image`` (the
+original SRD-RL script's: every entry but the last is a frame the VLM sees, and the last is
+the image the rewards score, which may have its own size; a missing ``ego_history_xyz`` is
+then the original's synthetic one, straight at ``SEED_HISTORY_SPEED``, 5 m/s).
+
 Optional fields and their defaults:
 
 - ``camera``: ``{"K": 3x3, "T_cam_from_ego": 4x4, "width", "height"}``, all four
-  required. Missing: the synthetic front camera (``srdrl.camera.default_camera``) at the
-  image's size.
+  required; the camera of the scored image. Missing: ``srdrl.camera.default_camera`` at the
+  scored image's size.
 - ``ego_history_xyz``: 16 x 3 (or 16 x 2), ending at the origin. Missing: straight
   constant-speed motion along x at the speed of the first future step.
 - ``sample_id``: missing gives ``"<file stem>:<line>"``.
@@ -28,7 +35,8 @@ the field. The limits:
   fx, fy > 0 and the principal point on the image; T finite, last row [0, 0, 0, 1], a
   rotation within 1e-3), and ``width``/``height`` equal to the images' size.
 - Images: every frame exists, and its header (read without decoding) has an accepted
-  mode; all frames of a scene have one size. Accepted: ``IMAGE_MODES`` -- 8-bit RGB as
+  mode; all frames of a scene have one size (a separate scoring image may differ).
+  Accepted: ``IMAGE_MODES`` -- 8-bit RGB as
   is (a 16-bit-per-channel RGB PNG is read at its high 8 bits, which is the same picture);
   grey ``L`` and palette ``P`` converted to RGB; ``RGBA``/``LA`` (and a palette with a
   transparent colour) when fully opaque, alpha dropped (checked when decoded). Refused:
@@ -53,11 +61,15 @@ import torch
 from PIL import Image
 
 from srdrl.camera import CameraError, default_camera, validate_camera
+from srdrl.config import check_frame_paths_layout
 from srdrl.data.label_bounds import warn_out_of_bounds
 from srdrl.errors import UserError
 from srdrl.timegrid import DT
 from srdrl.timegrid import HISTORY_STEPS as NUM_HISTORY
 from srdrl.timegrid import NUM_STEPS as NUM_FUTURE
+
+SEED_HISTORY_SPEED = 5.0
+"""m/s of the straight history the original script synthesised for every scene."""
 
 EVAL_FIELDS = ("clean_trajectory", "label_noisy", "hazards", "intent")
 
@@ -138,7 +150,11 @@ def _path(value, name: str, steps: int, where: str, from_origin: bool) -> np.nda
 
 def default_history(trajectory: np.ndarray) -> np.ndarray:
     """Straight constant-speed history (16, 3) at the speed of the first future step."""
-    speed = float(np.linalg.norm(trajectory[0, :2])) / DT
+    return straight_history(float(np.linalg.norm(trajectory[0, :2])) / DT)
+
+
+def straight_history(speed: float) -> np.ndarray:
+    """History (16, 3) of straight motion along x at ``speed`` m/s, ending at the origin."""
     x = -speed * DT * np.arange(NUM_HISTORY - 1, -1, -1, dtype=np.float64)
     return np.stack([x, np.zeros_like(x), np.zeros_like(x)], axis=-1)
 
@@ -166,9 +182,11 @@ def _camera(camera, where: str, checked: set | None = None) -> dict:
     return {"K": K, "T_cam_from_ego": T, "width": camera["width"], "height": camera["height"]}
 
 
-def parse_record(record: dict, where: str, cameras: set | None = None) -> dict:
+def parse_record(record: dict, where: str, cameras: set | None = None,
+                 layout: str = "frames") -> dict:
     """Validate one JSONL record and normalise its arrays. Raises DataError. ``cameras``
-    memoises the cameras already validated."""
+    memoises the cameras already validated; ``layout`` is one of
+    ``srdrl.config.FRAME_LAYOUTS``."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: a line must hold a JSON object, got {type(record).__name__}")
     for key in ("frame_paths", "reasoning", "trajectory"):
@@ -179,12 +197,23 @@ def parse_record(record: dict, where: str, cameras: set | None = None) -> dict:
         paths = [paths]
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise DataError(f"{where}: field 'frame_paths' must be a non-empty list of strings")
+    scoring_path = None
+    if layout == "frames_then_scoring_image":
+        if len(paths) < 2:
+            raise DataError(f"{where}: field 'frame_paths' must hold at least one frame and "
+                            f"then the scoring image (frame_paths_layout "
+                            f"frames_then_scoring_image), got {len(paths)} path")
+        paths, scoring_path = paths[:-1], paths[-1]
+    else:
+        check_frame_paths_layout(layout)
     if not isinstance(record["reasoning"], str):
         raise DataError(f"{where}: field 'reasoning' must be a string")
     traj = _path(record["trajectory"], "trajectory", NUM_FUTURE, where, from_origin=True)
     if "ego_history_xyz" in record:
         hist = _path(record["ego_history_xyz"], "ego_history_xyz", NUM_HISTORY, where,
                      from_origin=False)
+    elif scoring_path is not None:
+        hist = straight_history(SEED_HISTORY_SPEED)
     else:
         hist = default_history(traj)
     camera = record.get("camera")
@@ -197,6 +226,7 @@ def parse_record(record: dict, where: str, cameras: set | None = None) -> dict:
         "sample_id": str(record.get("sample_id", where)),
         "where": where,
         "frame_paths": paths,
+        "scoring_path": scoring_path,
         "reasoning": record["reasoning"],
         "trajectory": traj,
         "ego_history_xyz": hist,
@@ -205,9 +235,10 @@ def parse_record(record: dict, where: str, cameras: set | None = None) -> dict:
     }
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Parse and validate every line of a JSONL file (blank lines are skipped). Images are
-    not opened here: ``check_images`` does that."""
+def read_jsonl(path: str | Path, layout: str = "frames") -> list[dict]:
+    """Parse and validate every line of a JSONL file (blank lines are skipped), its
+    ``frame_paths`` read by ``layout`` (``srdrl.config.FRAME_LAYOUTS``). Images are not
+    opened here: ``check_images`` does that."""
     path = check_data_file(path, "data file")
     records, cameras = [], set()
     with open(path, "rb") as f:
@@ -223,10 +254,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            parsed = parse_record(record, where, cameras)
+            parsed = parse_record(record, where, cameras, layout)
             if "sample_id" not in record:
                 parsed["sample_id"] = f"{path.stem}:{lineno}"
             parsed["frame_paths"] = [str(_resolve(p, path.parent)) for p in parsed["frame_paths"]]
+            if parsed["scoring_path"] is not None:
+                parsed["scoring_path"] = str(_resolve(parsed["scoring_path"], path.parent))
             records.append(parsed)
     if not records:
         raise DataError(f"{path}: no records")
@@ -269,27 +302,38 @@ def image_header(path: str, field: str) -> tuple[int, int]:
 
 
 def check_images(records: list[dict]) -> None:
-    """Open every frame's header (each file once): existence, mode, one size per scene,
-    the camera's width/height. Stores ``record["image_size"]`` (W, H)."""
+    """Open every image's header (each file once): existence, mode, one size for the frames
+    of a scene, the camera's width/height against the scored image. Stores
+    ``record["image_size"]`` (W, H) of the frames and ``record["scored_size"]`` of the
+    scored image (the scoring image, else the last frame)."""
     sizes: dict[str, tuple[int, int]] = {}
+
+    def size_of(p: str, field: str) -> tuple[int, int]:
+        if p not in sizes:
+            sizes[p] = image_header(p, field)
+        return sizes[p]
+
     for rec in records:
         first = None
         for i, p in enumerate(rec["frame_paths"]):
             field = f"{rec['where']}: field 'frame_paths[{i}]'"
-            if p not in sizes:
-                sizes[p] = image_header(p, field)
-            w, h = sizes[p]
+            w, h = size_of(p, field)
             if first is None:
                 first = (w, h)
             elif (w, h) != first:
                 raise DataError(f"{field} ({p}) is {w}x{h}, but frame_paths[0] is "
                                 f"{first[0]}x{first[1]}; the frames of a scene share one size")
+        scored, scored_path = first, rec["frame_paths"][-1]
+        if rec["scoring_path"] is not None:
+            scored_path = rec["scoring_path"]
+            scored = size_of(scored_path, f"{rec['where']}: field "
+                                          f"'frame_paths[{len(rec['frame_paths'])}]'")
         cam = rec["camera"]
-        if cam is not None and (cam["width"], cam["height"]) != first:
+        if cam is not None and (cam["width"], cam["height"]) != scored:
             raise DataError(f"{rec['where']}: field 'camera.width'/'camera.height' say "
-                            f"{cam['width']}x{cam['height']}, but the images are "
-                            f"{first[0]}x{first[1]} ({rec['frame_paths'][-1]})")
-        rec["image_size"] = first
+                            f"{cam['width']}x{cam['height']}, but the scored image is "
+                            f"{scored[0]}x{scored[1]} ({scored_path})")
+        rec["image_size"], rec["scored_size"] = first, scored
 
 
 def load_image(path: str, field: str = "image") -> np.ndarray:
@@ -302,7 +346,7 @@ def load_image(path: str, field: str = "image") -> np.ndarray:
             if problem:
                 raise DataError(f"{field} ({path}) {problem}")
             transparent = im.mode in ("RGBA", "LA") or "transparency" in im.info
-            pixels = np.asarray(im.convert("RGBA" if transparent else "RGB"))
+            pixels = np.array(im.convert("RGBA" if transparent else "RGB"))  # writable
     except (OSError, Image.DecompressionBombError) as e:  # a truncated or corrupt file
         raise DataError(f"{field} ({path}) cannot be decoded ({e})") from None
     if transparent:
@@ -320,9 +364,10 @@ class JsonlDataset(torch.utils.data.Dataset):
     are dicts of tensors plus ``reasoning_text``. ``out_of_bounds`` lists the file:line of
     labels the action space cannot represent (warned about once)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, frame_paths_layout: str = "frames"):
         self.path = Path(path)
-        self.records = read_jsonl(self.path)
+        self.frame_paths_layout = frame_paths_layout
+        self.records = read_jsonl(self.path, frame_paths_layout)
         check_images(self.records)
         self.out_of_bounds = warn_out_of_bounds(self.path, self.records)
 
@@ -331,21 +376,14 @@ class JsonlDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
-        frames = []
-        for i, p in enumerate(rec["frame_paths"]):
-            field = f"{rec['where']}: field 'frame_paths[{i}]'"
-            frame = load_image(p, field)
-            if frame.shape[1::-1] != rec["image_size"]:  # the file changed since the check
-                raise DataError(f"{field} ({p}) decodes to {frame.shape[1]}x{frame.shape[0]}, "
-                                f"but its header said {rec['image_size'][0]}x"
-                                f"{rec['image_size'][1]}")
-            frames.append(frame)
+        frames = [self._image(rec, i, p, rec["image_size"])
+                  for i, p in enumerate(rec["frame_paths"])]
         cam = rec["camera"]
         if cam is None:
-            K, T = default_camera(*rec["image_size"])
+            K, T = default_camera(*rec["scored_size"])
         else:
             K, T = torch.as_tensor(cam["K"]), torch.as_tensor(cam["T_cam_from_ego"])
-        return {
+        item = {
             "index": index,  # position in the file: seeds this scene's noise
             "sample_id": rec["sample_id"],
             "images": torch.from_numpy(np.stack(frames)),  # (F, H, W, 3) uint8
@@ -356,6 +394,32 @@ class JsonlDataset(torch.utils.data.Dataset):
             "reasoning_text": rec["reasoning"],
             "eval": rec["eval"],
         }
+        if rec["scoring_path"] is not None:  # (H', W', 3) uint8
+            item[SCORING_IMAGE_KEY] = torch.from_numpy(self._image(
+                rec, len(rec["frame_paths"]), rec["scoring_path"], rec["scored_size"]))
+        return item
+
+    @staticmethod
+    def _image(rec: dict, i: int, path: str, size: tuple[int, int]) -> np.ndarray:
+        field = f"{rec['where']}: field 'frame_paths[{i}]'"
+        image = load_image(path, field)
+        if image.shape[1::-1] != size:  # the file changed since the check
+            raise DataError(f"{field} ({path}) decodes to {image.shape[1]}x{image.shape[0]}, "
+                            f"but its header said {size[0]}x{size[1]}")
+        return image
+
+
+SCORING_IMAGE_KEY = "scoring_image"
+"""Batch key of the image the rewards score, where it is not the last frame."""
+
+
+def scored_images(batch: dict) -> torch.Tensor:
+    """The images the rewards score, (B, H, W, 3) uint8 of a batch or (H, W, 3) of one
+    item: the scoring image where the data has one (``frames_then_scoring_image``), else
+    the last frame (t0)."""
+    if SCORING_IMAGE_KEY in batch:
+        return batch[SCORING_IMAGE_KEY]
+    return batch["images"].select(-4, -1)
 
 
 def collate(samples: list[dict]) -> dict:

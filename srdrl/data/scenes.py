@@ -3,11 +3,14 @@
 A scene lives in the ego frame at t0 (x forward, y left, metres) on the ground plane z = 0.
 A dirt track follows the centreline y = curvature * x^2 / 2 with a half-width of 3.6-4.5 m;
 rough shoulders lie outside it. Up to one hazard lies *in the way* (covering the
-centreline 8-30 m ahead, on one side or across the whole track) and up to one lies on a
-shoulder as a distractor. The clean trajectory keeps to the track and passes an in-the-way
-hazard with a smooth lateral manoeuvre on the free side, or brakes to a stop before a
-blocking one. A noisy label drives straight along the centreline at constant speed,
-through the hazard, while the reasoning stays correct.
+centreline from one side or across the whole track, its near edge ``HAZARD_NEAR`` ahead)
+and up to one lies on a shoulder as a distractor. The ranges are chosen for the generated
+data's camera (srdrl/data/synthetic.py): a hazard is near and large enough to fill several
+patches of the tiny policy's input. The clean trajectory keeps to the track and passes an
+in-the-way hazard with a smooth lateral manoeuvre on the free side, or brakes to a stop
+before a blocking one. A noisy label drives straight along the centreline at constant
+speed, through the hazard, while the reasoning stays correct. The reasoning states only
+what the t0 frame shows (see "reasoning" below).
 
 Everything here is NumPy and deterministic in the generator passed in.
 """
@@ -27,6 +30,21 @@ from srdrl.timegrid import NUM_STEPS as NUM_FUTURE
 MAX_LATERAL_ACCEL = 3.0
 MAX_BRAKING = 3.0
 HAZARD_KINDS = ("mud", "rocks", "water")
+SPEED = (3.0, 8.0)
+"""Range of the speed at t0, m/s."""
+HAZARD_NEAR = (6.0, 16.0)
+"""Range of an in-path hazard's near edge ahead of the vehicle, m: near enough to fill a
+few image tokens of the tiny policy."""
+SIDE_AXES = ((3.5, 6.0), (2.0, 3.0))
+"""Ranges of a side hazard's semi-axes along and across the track, m."""
+BLOCK_DEPTH = (3.0, 6.0)
+"""Range of a blocking hazard's semi-axis along the track, m."""
+DISTRACTOR_AXES = ((3.0, 6.0), (1.5, 2.5))
+"""Ranges of a distractor's semi-axes along and across the track, m."""
+DISTRACTOR_X = (18.0, 28.0)
+"""Range of a distractor's centre ahead, m: far enough for the camera to see the shoulder."""
+DISTRACTOR_GAP = (0.3, 1.2)
+"""Range of the gap between the track edge and a distractor's rim, m."""
 
 
 @dataclass
@@ -156,66 +174,64 @@ def stopping_trajectory(speed: float, curvature: float, stop_at: float) -> np.nd
 
 # --------------------------------------------------------------------------- reasoning
 
-_KIND_WORDS = {
-    # every phrase names its hazard with a whole danger word (mud, rocks, stones, water,
-    # puddle, rough) so that the reasoning's danger confidence sees it
-    "mud": ["mud", "a mud patch", "a patch of mud", "deep mud", "a patch of wet mud"],
-    "rocks": ["a rock field", "a patch of loose rocks", "a pile of stones", "a band of rocks",
-              "rough rocky ground"],
-    "water": ["water", "a puddle", "standing water", "a large puddle", "a pool of water"],
-}
+# The reasoning says only what the t0 frame shows: whether a hazard is in the way, its
+# kind (one word each, told apart by colour and texture), the side of the track it covers
+# or lies beside, and what to do about it. No distances: the frame cannot give metres. Each
+# template opens with its own lead-in, so the word after it (a hazard kind, or what stands
+# in for none) and the first side word are decided by the image alone.
 _SWERVE = [
-    "{Kind} ahead on the {hside} at {d} m; steer {go} to pass it.",
-    "There is {kind} on the {hside} side of the track about {d} m out, so move {go}.",
-    "{Kind} covers the {hside} half of the track in {d} m. Keep {go} and go around it.",
-    "The {hside} side is blocked by {kind} at {d} m; shift {go} to avoid it.",
-    "I see {kind} {d} m ahead, {hside} of centre; nudge to the {go}.",
-    "Detour {go}: {kind} sits on the {hside} of the track {d} m ahead.",
+    "I see {kind} on the {hside} side of the track ahead; steer {go} to pass it.",
+    "Ahead: {kind} on the {hside} half of the track, so I will keep {go}.",
+    "Looking ahead, I spot {kind} over the {hside} side of the track. Move to the {go} and go "
+    "around it.",
+    "There is a patch of {kind} on the {hside} of the track. Shift {go} to avoid it, then "
+    "continue straight.",
 ]
 _STOP = [
-    "{Kind} across the whole track at {d} m; slow down and stop before it.",
-    "The track is blocked by {kind} {d} m ahead. Brake and come to a stop.",
-    "{Kind} spans the full width ahead at {d} m, so slow down to a halt.",
-    "No way around {kind} {d} m ahead; stop before reaching it.",
-]
-_STRAIGHT = [
-    "Clear dirt track ahead; keep straight.",
-    "The track ahead is smooth and clear. Continue straight at a steady speed.",
-    "Nothing on the path; maintain course along the track.",
-    "Open dirt road ahead, go straight.",
+    "I see {kind} across the whole track ahead; slow down and stop before it.",
+    "Ahead: {kind} across the full width of the track. Brake and come to a stop.",
+    "Looking ahead, I spot {kind} blocking the whole track, so slow down to a halt.",
+    "There is a patch of {kind} across the full track with no way around. Stop before "
+    "reaching it.",
 ]
 _DISTRACTOR = [
-    "{Kind} off to the {hside} of the track, clear of our path; keep straight.",
-    "There is {kind} beyond the {hside} edge, not in the way. Continue straight.",
-    "{Kind} on the {hside} shoulder does not block the track; stay on course.",
+    "I see {kind} off to the {hside} of the track, clear of our path; keep straight.",
+    "Ahead: {kind} beyond the {hside} edge of the track, not in the way. Continue straight.",
+    "Looking ahead, I spot {kind} on the {hside} shoulder, which does not block the track; "
+    "stay on course.",
+    "There is a patch of {kind} on the {hside} shoulder, outside the track. Keep going "
+    "straight.",
+]
+_CLEAR = [
+    "I see a clear dirt track ahead; keep straight.",
+    "Ahead: the track is smooth and clear. Continue straight at a steady speed.",
+    "Looking ahead, I spot nothing on the track; maintain course.",
+    "There is a clear dirt road ahead, nothing in the way. Go straight.",
 ]
 
 
-def _fill(template: str, rng: np.random.Generator, **kw) -> str:
-    kind = kw.pop("kind", None)
-    if kind is not None:
-        word = _KIND_WORDS[kind][rng.integers(len(_KIND_WORDS[kind]))]
-        kw.update(kind=word, Kind=word[0].upper() + word[1:])
-    return template.format(**kw)
+def _side_of(hazard: Hazard, curvature: float) -> str:
+    """Which side of the centreline the hazard's centre lies on."""
+    x, y = hazard.centre
+    return "left" if y > curvature * x**2 / 2.0 else "right"
 
 
-def reasoning_for(scene_intent: str, hazards: list[Hazard], rng: np.random.Generator) -> str:
+def reasoning_for(scene_intent: str, hazards: list[Hazard], curvature: float,
+                  rng: np.random.Generator) -> str:
+    """The reasoning for a scene: the in-path hazard if there is one, else the distractor,
+    else the clear track; the template is drawn from ``rng``."""
     in_path = [h for h in hazards if h.in_path]
-    if in_path:
-        h = in_path[0]
-        near = h.centre[0] - h.axes[0]
-        d = int(round(near))
-        if scene_intent == "stop":
-            return _fill(_STOP[rng.integers(len(_STOP))], rng, kind=h.kind, d=d)
-        hside = "left" if scene_intent == "right" else "right"
-        tpl = _SWERVE[rng.integers(len(_SWERVE))]
-        return _fill(tpl, rng, kind=h.kind, d=d, hside=hside, go=scene_intent)
-    side = [h for h in hazards if not h.in_path]
-    if side:
-        h = side[0]
-        hside = "left" if h.centre[1] > 0 else "right"
-        return _fill(_DISTRACTOR[rng.integers(len(_DISTRACTOR))], rng, kind=h.kind, hside=hside)
-    return _STRAIGHT[rng.integers(len(_STRAIGHT))]
+    beside = [h for h in hazards if not h.in_path]
+    if in_path and scene_intent == "stop":
+        options, h = _STOP, in_path[0]
+    elif in_path:
+        options, h = _SWERVE, in_path[0]
+    elif beside:
+        options, h = _DISTRACTOR, beside[0]
+    else:
+        return _CLEAR[rng.integers(len(_CLEAR))]
+    template = options[rng.integers(len(options))]
+    return template.format(kind=h.kind, hside=_side_of(h, curvature), go=scene_intent)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -233,10 +249,10 @@ def _sample_side_hazard(rng, speed, curvature, half_width):
     trajectory, intent), or None when no placement fits this speed and track.
     """
     side = 1.0 if rng.random() < 0.5 else -1.0  # +1: hazard on the left
-    ax, ay = rng.uniform(1.5, 4.0), rng.uniform(1.6, 2.6)
+    ax, ay = rng.uniform(*SIDE_AXES[0]), rng.uniform(*SIDE_AXES[1])
     inner = rng.uniform(0.3, 0.9)  # the plain ellipse crosses the centreline by this much
     clearance = rng.uniform(0.45, 0.7)
-    near = rng.uniform(8.0, 30.0)
+    near = rng.uniform(*HAZARD_NEAR)
     xc = near + ax
     hazard = Hazard(
         kind=HAZARD_KINDS[rng.integers(3)],
@@ -252,7 +268,7 @@ def _sample_side_hazard(rng, speed, curvature, half_width):
     fits = (
         reach >= 0.3
         and abs(offset) + VEHICLE_HALF_WIDTH <= half_width - 0.1
-        and x_lo >= 8.0
+        and x_lo >= HAZARD_NEAR[0]
         and x_lo - 1.0 >= ramp_length_for(speed, offset)
         and xc <= HORIZON_S * speed - 1.0  # the straight-through label reaches its middle
     )
@@ -263,9 +279,9 @@ def _sample_side_hazard(rng, speed, curvature, half_width):
 
 
 def _sample_blocking_hazard(rng, speed, curvature, half_width):
-    ax = rng.uniform(1.5, 3.5)
-    lo = max(8.0, 3.0 + speed**2 / (2.0 * MAX_BRAKING))
-    hi = min(30.0, HORIZON_S * speed - 1.0)
+    ax = rng.uniform(*BLOCK_DEPTH)
+    lo = max(HAZARD_NEAR[0], 3.0 + speed**2 / (2.0 * MAX_BRAKING))
+    hi = min(HAZARD_NEAR[1], HORIZON_S * speed - 1.0)
     if lo > hi:
         return None
     near = rng.uniform(lo, hi)
@@ -284,9 +300,9 @@ def _sample_blocking_hazard(rng, speed, curvature, half_width):
 
 def _sample_distractor(rng, curvature, half_width):
     side = 1.0 if rng.random() < 0.5 else -1.0
-    ax, ay = rng.uniform(1.5, 4.0), rng.uniform(1.0, 2.5)
-    xc = rng.uniform(8.0 + ax, 30.0)
-    gap = rng.uniform(1.0, 3.0)  # from the track edge to the hazard's rim
+    ax, ay = rng.uniform(*DISTRACTOR_AXES[0]), rng.uniform(*DISTRACTOR_AXES[1])
+    xc = rng.uniform(*DISTRACTOR_X)
+    gap = rng.uniform(*DISTRACTOR_GAP)
     yc = curvature * xc**2 / 2.0 + side * (half_width + gap + 1.1 * ay)
     return Hazard(
         kind=HAZARD_KINDS[rng.integers(3)],
@@ -306,7 +322,7 @@ def sample_scene(
     curvature = rng.uniform(-0.003, 0.003)
     hazards: list[Hazard] = []
     intent = "straight"
-    speed = rng.uniform(3.0, 8.0)
+    speed = rng.uniform(*SPEED)
     clean = constant_speed_trajectory(speed, curvature)
     noisy = None
     if rng.random() < p_in_path:
@@ -320,7 +336,7 @@ def sample_scene(
                 noisy = constant_speed_trajectory(speed, curvature)
                 break
             if attempt % 10 == 9:  # this speed rarely fits: try another
-                speed = rng.uniform(3.0, 8.0)
+                speed = rng.uniform(*SPEED)
                 clean = constant_speed_trajectory(speed, curvature)
     if rng.random() < p_distractor:
         hazards.append(_sample_distractor(rng, curvature, half_width))
@@ -333,7 +349,7 @@ def sample_scene(
         history=centreline_history(speed, curvature),
         clean_trajectory=clean,
         noisy_trajectory=noisy,
-        reasoning=reasoning_for(intent, hazards, rng),
+        reasoning=reasoning_for(intent, hazards, curvature, rng),
         colour_gain=float(rng.uniform(0.85, 1.15)),
         palette_jitter=rng.normal(0.0, 6.0, size=3),
     )

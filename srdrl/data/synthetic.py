@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +52,17 @@ class SyntheticDataConfig:
     """Image height, pixels."""
     frames: int = 1
     """Camera frames per scene (10 Hz, the last at t0)."""
+    camera_height: float = 2.0
+    """Height of the front camera above the ground, metres."""
+    camera_pitch_deg: float = 12.0
+    """Downward pitch of the front camera, degrees."""
+    camera_hfov_deg: float = 45.0
+    """Horizontal field of view of the front camera, degrees."""
     val_fraction: float = 0.1
     """Fraction of the scenes that go to val.jsonl (at least one)."""
+    workers: int = 0
+    """Processes that draw and render scenes (0: one per CPU core); the files are the same
+    for every count."""
 
     def __post_init__(self):
         if self.num_scenes < 2:
@@ -64,20 +75,34 @@ class SyntheticDataConfig:
             raise ValueError(f"frames must be in 1..16 (history poses), got {self.frames}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.camera_height <= 0 or not 0 < self.camera_hfov_deg < 180:
+            raise ValueError(f"camera_height must be > 0 and camera_hfov_deg in (0, 180), got "
+                             f"{self.camera_height}, {self.camera_hfov_deg}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not 0 < self.camera_pitch_deg < 90:
+            raise ValueError(f"camera_pitch_deg must be in (0, 90), got {self.camera_pitch_deg}")
+
+
+def synthetic_camera(cfg: SyntheticDataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``K`` (3, 3) and ``T_cam_from_ego`` (4, 4), float64, of the generated frames."""
+    K, T = default_camera(cfg.width, cfg.height, hfov_deg=cfg.camera_hfov_deg,
+                          mount_height=cfg.camera_height, pitch_deg=cfg.camera_pitch_deg)
+    return K.numpy(), T.numpy()
 
 
 def _round(a: np.ndarray) -> list:
     return np.round(np.asarray(a, dtype=np.float64), 4).tolist()
 
 
-def make_scene_record(cfg: SyntheticDataConfig, index: int, split: str, root: Path) -> dict:
+def make_scene_record(cfg: SyntheticDataConfig, index: int, *, split: str, root: Path) -> dict:
     """Draw, render and save scene ``index``; return its JSONL record."""
     rng = np.random.default_rng([cfg.seed, index])
     scene = sample_scene(rng)
     noisy = scene.noisy_trajectory is not None and (
         np.random.default_rng([cfg.seed, index, 1]).random() < cfg.label_noise
     )
-    K, T = (m.numpy() for m in default_camera(cfg.width, cfg.height))
+    K, T = synthetic_camera(cfg)
     frames = render_frames(scene, K, T, cfg.width, cfg.height, cfg.frames, rng)
     sample_id = f"{split}_{index:06d}"
     frame_paths = []
@@ -102,25 +127,42 @@ def make_scene_record(cfg: SyntheticDataConfig, index: int, split: str, root: Pa
     }
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def make_dataset(cfg: SyntheticDataConfig, progress: bool = True) -> dict[str, Path]:
-    """Write the dataset; returns the paths of ``train`` and ``val`` JSONL files."""
+    """Write the dataset; returns the paths of ``train`` and ``val`` JSONL files. Scenes are
+    drawn and rendered by ``cfg.workers`` processes and written in index order."""
     root = Path(cfg.output_dir)
     (root / "frames").mkdir(parents=True, exist_ok=True)
     num_val = max(1, round(cfg.val_fraction * cfg.num_scenes))
     splits = {"train": range(cfg.num_scenes - num_val), "val": range(cfg.num_scenes - num_val,
                                                                       cfg.num_scenes)}
+    workers = min(cfg.workers or usable_cores(), cfg.num_scenes)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
     paths = {}
     bar = tqdm(total=cfg.num_scenes, desc="scenes", disable=not progress, unit="scene")
-    for split, indices in splits.items():
-        path = root / f"{split}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            for i in indices:
-                f.write(json.dumps(make_scene_record(cfg, i, split, root)) + "\n")
-                bar.update()
-        os.replace(tmp, path)  # a JSONL file is complete or absent
-        paths[split] = path
-    bar.close()
+    try:
+        for split, indices in splits.items():
+            path = root / f"{split}.jsonl"
+            tmp = path.with_suffix(".jsonl.tmp")
+            draw = partial(make_scene_record, cfg, split=split, root=root)
+            records = (pool.map(draw, indices, chunksize=8) if pool is not None
+                       else map(draw, indices))
+            with open(tmp, "w") as f:
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+                    bar.update()
+            os.replace(tmp, path)  # a JSONL file is complete or absent
+            paths[split] = path
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return paths
 
 

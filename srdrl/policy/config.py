@@ -222,8 +222,12 @@ class PolicyConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def tiny(cls, **overrides) -> PolicyConfig:
-        """The embedded default: ~1M parameters, trains on CPU in minutes."""
-        return cls(**overrides)
+        """The embedded default: ~1M parameters, trains on CPU in minutes. A 640x384 frame
+        is seen at 320x192: 12 x 20 patches, 60 image tokens, enough for a hazard in the
+        way of the generated data to fill several of them (tests/test_scenes.py)."""
+        values = dict(image_max_pixels=320 * 192)
+        values.update(overrides)
+        return cls(**values)
 
     @classmethod
     def bench(cls, **overrides) -> PolicyConfig:

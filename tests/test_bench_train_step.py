@@ -1,0 +1,82 @@
+"""The train-step benchmark's FLOP accounting: FlopSections per section, phase rows, and a
+smoke run on CPU (its times mean nothing; its FLOPs and structure are checked)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from srdrl.timing import FlopSections
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train_step  # noqa: E402
+
+
+def test_flop_sections_attribute_matmuls_to_their_section():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    with FlopSections() as flops:
+        with flops.section("mm"):
+            a @ b
+        with flops.section("elementwise"):
+            a * 2 + 1
+        with flops.section("mm"):
+            a @ b
+        a @ b  # outside any section: in the total only
+    assert flops.per_section == {"mm": 2 * 2 * 8 * 16 * 4, "elementwise": 0}
+    assert flops.total == 3 * 2 * 8 * 16 * 4
+
+
+class Counted:
+    per_section = {"vlm_forward": 100, "supervised": 30, "awr": 20, "sampling": 50,
+                   "backward": 300}
+    total = 520
+
+
+def test_phase_rows_sum_sections_and_rate_against_the_peak():
+    per_step = [{"vlm_forward": 2.0, "supervised": 1.0, "awr": 1.0, "sampling": 2.0,
+                 "backward": 4.0, "optimizer_step": 1.0},
+                {"vlm_forward": 4.0, "supervised": 1.0, "awr": 3.0, "sampling": 2.0,
+                 "backward": 4.0, "optimizer_step": 1.0},
+                {"vlm_forward": 3.0, "supervised": 2.0, "awr": 2.0, "sampling": 2.0,
+                 "backward": 4.0, "optimizer_step": 1.0}]
+    rows = bench_train_step.phase_rows(per_step, Counted, step_ms=16.0, peak=1e6)
+    assert rows["prefix_encode"]["ms_median"] == 3.0
+    assert rows["loss_forward"]["ms_median"] == 4.0  # median of the per-step sums 2, 4, 4
+    assert rows["loss_forward"]["flops"] == 50
+    assert rows["prefix_encode"]["mfu"] == pytest.approx(100 / 3e-3 / 1e6)
+    assert rows["scoring"]["flops"] == 0 and rows["scoring"]["mfu"] is None  # never timed
+    assert rows["other"]["flops"] == 20
+    assert rows["other"]["ms_median"] == pytest.approx(16.0 - (3 + 2 + 4 + 4 + 1))
+    assert rows["total"]["mfu"] == pytest.approx(520 / 16e-3 / 1e6)
+    assert bench_train_step.phase_rows(per_step, Counted, 16.0, None)["total"]["mfu"] is None
+
+
+@pytest.mark.slow
+def test_smoke_run_reports_every_phase_for_both_optimizers(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OUT=str(tmp_path), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"),
+                          "--smoke", "--variants", "zero2_eager", "zero3"], env=env,
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_train_step.json").read_text())
+    results = report["results"]
+    assert set(results) == {f"{v}/{o}" for v in ("zero2_eager", "zero3")
+                            for o in ("deepspeed_adamw", "torch_fused_adamw")}
+    encode = {r["phases"]["prefix_encode"]["flops"] for r in results.values()}
+    assert len(encode) == 1 and encode.pop() > 0  # one encode per step, at ZeRO-2 and 3
+    for r in results.values():
+        phases = r["phases"]
+        assert set(phases) == set(bench_train_step.PHASES) | {"other", "total"}
+        assert sum(phases[p]["flops"] for p in phases if p != "total") == \
+            phases["total"]["flops"]
+        assert phases["backward"]["flops"] > phases["loss_forward"]["flops"] > 0
+        assert phases["sampling"]["flops"] > 0 and phases["optimizer_step"]["flops"] == 0
+        assert phases["total"]["mfu"] is None  # no bf16 peak without CUDA
+    assert "zero3_fused_vs_deepspeed_optimizer_step" in report["ratios"]

@@ -1,0 +1,63 @@
+"""srdrl.engine.train_step: how often each part of the policy runs in one step.
+
+The VLM encodes the prefix once per step at every ZeRO stage: sampling happens inside the
+forward pass from the step's own (detached) prefix, at ZeRO-3 too (ZeRO-3's hooks gather
+the expert's parameters as the Euler loop uses them). The expert runs once for the
+supervised term, once per Euler step while sampling and once for the AWR term.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from srdrl.config import ObjectiveConfig, RewardConfig
+from srdrl.engine import SRDRLModule, initialize_engine, train_step
+from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
+from srdrl.policy.noise import SceneNoise
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_policy import REASONING, make_batch  # noqa: E402
+
+FLOW_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def group():
+    if not torch.distributed.is_initialized():
+        from srdrl.engine import init_distributed
+
+        init_distributed()
+
+
+def count_calls(module: torch.nn.Module, counts: dict, key: str) -> None:
+    def hook(*_):
+        counts[key] += 1
+    module.register_forward_hook(hook)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("rl_loss_weight", [0.5, 0.0])
+def test_one_prefix_encode_per_step(group, stage, rl_loss_weight):
+    torch.manual_seed(0)
+    config = PolicyConfig.tiny()
+    policy = VLAPolicy(config, build_tokenizer(config, REASONING))
+    objective = ObjectiveConfig(num_trajectory_samples=2, flow_steps=FLOW_STEPS,
+                                rl_loss_weight=rl_loss_weight, use_cuda_graph=False)
+    module = SRDRLModule(policy, objective, RewardConfig(scoring_backend="kornia"),
+                         zero_stage=stage)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "train_batch_size": 2, "zero_optimization": {"stage": stage},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+          "steps_per_print": 10**9}
+    engine, _ = initialize_engine(module, ds)
+    counts = {"vlm": 0, "expert": 0}
+    count_calls(policy.vlm.model, counts, "vlm")  # what encode_prefix runs
+    count_calls(policy.expert, counts, "expert")
+    batch = make_batch(2, height=96, width=128)
+    for step in range(2):
+        train_step(engine, batch, SceneNoise([2 * step, 2 * step + 1]))
+    sampled = rl_loss_weight > 0
+    assert counts == {"vlm": 2, "expert": 2 * (1 + (FLOW_STEPS + 1) * sampled)}
