@@ -1,18 +1,24 @@
-"""The noisy-label experiment: does SRD-RL beat plain supervised fine-tuning?
+"""The noisy-label experiment, source -> target (docs/EXPERIMENTS.md).
 
-Same generator, scenes, policy size, steps and seeds for every arm. Label noise 0%, 10%,
-30% (the same scenes at every level: the generator's seed is fixed, only labels change);
-arms ``sft`` (``--rl_loss_weight 0``) and ``srdrl``; ablations at 30%: without the trust
-gate, without visual safety, without reasoning alignment, AWR ``all`` instead of ``best``,
-and the trust-gated supervised loss. Each run is ``python -m srdrl.train`` (its final
-evaluation writes ``eval_report.json``); runs go in parallel, one process each.
+1. Data (``srdrl-make-data``, one generator seed per set): a clean source set; the target
+   set at each label-noise level (one seed: the same scenes, only labels change), whose
+   train.jsonl is fine-tuned on and whose val.jsonl is the validation split; a separate
+   test set (its own seed), evaluated once at the end.
+2. A base policy per base seed, trained supervised on the clean source labels.
+3. Every arm fine-tunes each base on the noisy target set for the same steps and batch
+   (the same label passes); the fine-tuning seed differs from the base seed.
+4. Validation (``srdrl-eval``, generated reasoning, oracle as a diagnostic) picks the best
+   configuration among the ``srdrl_best`` variants; its one-part-removed ablations are run
+   after the choice. Nothing is chosen with ``label_noisy`` or on test data.
+5. Test, once: every final arm, every base seed, every evaluation seed; paired bootstrap
+   confidence intervals of crossing-rate ratios against ``supervised`` over the same scenes.
 
-    python benchmarks/noisy_label_experiment.py --out runs/exp --steps 600 --seeds 0 1 2
-    python benchmarks/noisy_label_experiment.py --out runs/exp --steps 1000 \
-        --pretrained 'pre/noise{noise}/policy'     # arms start from a supervised policy
+    python benchmarks/noisy_label_experiment.py --out runs/exp --scale smoke --device cpu
+    python benchmarks/noisy_label_experiment.py --out runs/exp --scale full --device cuda \
+        --jobs 12
 
-Writes OUT/results.json (every run's report and the trust-gate diagnostics per noise
-level) and OUT/table.md (mean and spread over seeds), and prints the table.
+Finished steps are skipped on a rerun (a policy/ or report already there), so a run cut
+short by a time limit continues where it stopped. Writes OUT/results.json and OUT/table.md.
 """
 
 from __future__ import annotations
@@ -22,237 +28,275 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-ARMS = {
-    "sft": ["--rl_loss_weight", "0"],
-    "srdrl": [],
-    "srdrl_no_gate": ["--no_use_trust_gate"],
-    "srdrl_no_safety": ["--safety_reward_weight", "0"],
-    "srdrl_no_reasoning": ["--reasoning_reward_weight", "0"],
-    "srdrl_awr_all": ["--awr_mode", "all"],
-    "srdrl_gated_sft": ["--gate_supervised_loss"],
-    # remedy: the design's unsafe threshold (0.3) never fires on this data, where noisy
-    # labels' path safety averages 0.57 and clean ones' 0.83 at 30% noise; 0.7 sits between
-    # (the gate diagnostics' in-sample best-F1 threshold there: 0.68)
-    "srdrl_gate07": ["--unsafe_threshold", "0.7"],
-    "srdrl_gate07_gated_sft": ["--unsafe_threshold", "0.7", "--gate_supervised_loss"],
-    # remedy: more RL signal: 8 samples per scene and rl_loss_weight 2 on top of the above
-    "srdrl_gate07_gated_sft_rl2_n8": ["--unsafe_threshold", "0.7", "--gate_supervised_loss",
-                                      "--rl_loss_weight", "2", "--num_trajectory_samples", "8"],
-    "srdrl_gate07_gated_sft_rl4_n16": ["--unsafe_threshold", "0.7", "--gate_supervised_loss",
-                                       "--rl_loss_weight", "4", "--num_trajectory_samples", "16"],
-    # ... and a stronger say for the reasoning (its ablation changed nothing at weight 0.3)
-    "srdrl_gate07_gated_sft_rl2_n8_reason1": [
-        "--unsafe_threshold", "0.7", "--gate_supervised_loss", "--rl_loss_weight", "2",
-        "--num_trajectory_samples", "8", "--reasoning_reward_weight", "1.0"],
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment_stats import paired_bootstrap_ratio, training_summary  # noqa: E402
+
+SCALES = {
+    "smoke": dict(noise=[0.3], base_seeds=[0], eval_seeds=[0], source=16, target=16, val=6,
+                  test=10, width=128, height=96, base_steps=3, steps=2, batch=2,
+                  eval_samples=2, variants=["v1"], resamples=200, min_test_in_path=0),
+    "full": dict(noise=[0.0, 0.1, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1, 2],
+                 source=2000, target=1000, val=200, test=600, width=640, height=384,
+                 base_steps=6000, steps=1000, batch=4, eval_samples=4,
+                 variants=["v1", "v2"], resamples=4000, min_test_in_path=300),
 }
-MAIN_ARMS = ("sft", "srdrl")
-METRICS = ("hazard_crossing_rate", "hazard_crossing_rate_in_path_scenes", "ade",
-           "ade_hazard_free", "min_ade", "reasoning_alignment_rate",
-           "noisy_label_left_behind_rate", "train_gt_is_best", "train_gate_fired")
+DATA_SEEDS = {"source": 101, "target": 202, "test": 303}
+ABLATION_NOISE = 0.3
+BASE_FLAGS = ["--rl_loss_weight", "0", "--learning_rate", "1e-3"]
+FINETUNE_FLAGS = ["--learning_rate", "3e-4"]
+FIXED_ARMS = {"supervised": ["--rl_loss_weight", "0"], "srdrl_seed": []}
+# the parts of the method: (flags that turn the part on, flags of the run without it)
+PARTS = {
+    "trajectory_noise": (["--candidate_noise", "trajectory"], []),
+    "label_baseline": (["--awr_baseline", "label"], []),
+    "lower_sup_when_beaten": (["--lower_traj_weight_when_beaten"], []),
+    "relative_gate": (["--trust_gate_mode", "relative", "--gate_supervised_loss"],
+                      ["--no_use_trust_gate"]),
+    "generated_reasoning": (["--rollout_reasoning", "generated"], []),
+}
+# settings shared by every part, tried on validation at ABLATION_NOISE
+VARIANTS = {"v1": [], "v2": ["--rl_loss_weight", "2", "--num_trajectory_samples", "8"]}
+TABLE_METRICS = ("hazard_crossing_rate_in_path_scenes", "ade_hazard_free",
+                 "reasoning_manoeuvre_accuracy", "reasoning_hazard_side_accuracy")
+
+
+def best_flags(variant: str, without: str | None = None) -> list[str]:
+    """Flags of srdrl_best in ``variant``, optionally with one part removed."""
+    flags = []
+    for name, (on, off) in PARTS.items():
+        flags += off if name == without else on
+    return flags + VARIANTS[variant]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.1, 0.3])
-    p.add_argument("--ablation-noise", type=float, default=0.3)
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--scenes", type=int, default=440, help="generated scenes (10%% validation)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--pretrain-steps", type=int, default=0,
-                   help="supervised steps on the same (noisy) training set before every arm, "
-                        "one pretraining per noise level and seed; every arm then starts from "
-                        "it (--policy DIR), so each arm's budget is pretrain + --steps")
-    p.add_argument("--pretrain-batch", type=int, default=16)
-    p.add_argument("--pretrain-lr", type=float, default=2e-3)
-    p.add_argument("--pretrained", default=None,
-                   help="start every arm from this local policy instead of pretraining here; "
-                        "'{noise}' in it is replaced by the noise level (e.g. "
-                        "runs/pre{noise}/policy): one shared pretraining per noise level")
-    p.add_argument("--collect", action="store_true",
-                   help="train nothing: tabulate the reports already under OUT/runs (runs "
-                        "made by several calls, e.g. on different machines, merged there)")
-    p.add_argument("--pretrain-only", action="store_true",
-                   help="stop after pretraining (its runs are reused by a later call)")
-    p.add_argument("--parallel", type=int, default=2, help="concurrent training processes")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="flags passed to every srdrl.train run")
+    p.add_argument("--scale", choices=list(SCALES), default="full")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--jobs", type=int, default=2, help="processes at a time")
+    p.add_argument("--gpus", type=int, default=1, help="with cuda: jobs go round these GPUs")
+    p.add_argument("--stage", choices=["val", "all"], default="all",
+                   help="'val': stop after the validation choice (no test evaluation)")
     return p.parse_args(argv)
 
 
-def make_data(out: Path, noise: float, scenes: int) -> Path:
-    from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
+class Runner:
+    """Runs module commands as subprocesses, ``jobs`` at a time, each with its log."""
 
-    root = out / f"data_noise{noise:g}"
-    if not (root / "val.jsonl").is_file():
-        make_dataset(SyntheticDataConfig(output_dir=str(root), num_scenes=scenes,
-                                         label_noise=noise, seed=0), progress=False)
-    return root
+    def __init__(self, args):
+        self.args, self.count = args, 0
 
+    def env(self, slot: int) -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env["OMP_NUM_THREADS"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = (str(slot % self.args.gpus) if self.args.device == "cuda"
+                                       else "")
+        return env
 
-def train_run(args, run_dir: Path, data: Path, steps: int, seed: int, flags: list[str],
-              batch: int) -> dict:
-    """One ``python -m srdrl.train`` process (skipped when its report exists); its report."""
-    report = run_dir / "eval_report.json"
-    if not report.is_file() and args.collect:
-        return {"error": "missing"}
-    if not report.is_file():
-        cmd = [sys.executable, "-m", "srdrl.train", "--data_path", str(data / "train.jsonl"),
-               "--output_dir", str(run_dir), "--max_steps", str(steps), "--seed", str(seed),
-               "--per_device_train_batch_size", str(batch), "--logging_steps", "50",
-               "--dataloader_workers", "1", *flags, *args.extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        start = time.time()
-        with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if done.returncode != 0:
-            return {"error": done.returncode}
-        print(f"  done {run_dir.name} in {time.time() - start:.0f} s", flush=True)
-    report = json.loads(report.read_text())
-    # srdrl-eval nests metrics under their reasoning mode: read the headline's (generated)
-    report.update(report.get("modes", {}).get(report.get("headline_mode"), {}))
-    report.update(training_tail(run_dir / "metrics.jsonl"))
-    return {"report": report}
+    def one(self, slot: int, module: str, argv: list[str], done: Path, log: Path) -> None:
+        if done.exists():
+            return
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            rc = subprocess.run([sys.executable, "-m", module, *argv], stdout=f,
+                                stderr=subprocess.STDOUT, env=self.env(slot)).returncode
+        if rc != 0 or not done.exists():
+            raise RuntimeError(f"{module} failed (exit {rc}); see {log}")
+        print(f"  done {log.stem}", flush=True)
+
+    def many(self, tasks: list[tuple]) -> None:
+        with ThreadPoolExecutor(max(1, self.args.jobs)) as pool:
+            list(pool.map(lambda it: self.one(it[0], *it[1]), enumerate(tasks)))
 
 
-TRAINING_METRICS = ("gt_is_best", "gate_fired", "reasoning", "safety")
+def make_data(runner: Runner, out: Path, s: dict) -> dict:
+    """Every set through srdrl-make-data; returns the paths and the test set's counts."""
+    sets = {"source": ("source", 0.0, s["source"], 1),
+            "test": ("test", 0.0, s["test"] + 1, s["test"])}
+    sets.update({f"target{n:g}": ("target", n, s["target"] + s["val"], s["val"])
+                 for n in s["noise"]})
+    tasks = []
+    for name, (seed_of, noise, total, val) in sets.items():
+        argv = ["--output_dir", str(out / "data" / name), "--num_scenes", str(total),
+                "--label_noise", str(noise), "--seed", str(DATA_SEEDS[seed_of]),
+                "--width", str(s["width"]), "--height", str(s["height"]),
+                "--val_fraction", repr(val / total)]
+        tasks.append(("srdrl.data.synthetic", argv, out / "data" / name / "val.jsonl",
+                      out / "logs" / f"data_{name}.log"))
+    runner.many(tasks)
+    test = [json.loads(line) for line in (out / "data/test/val.jsonl").read_text().splitlines()]
+    in_path = sum(any(h["in_path"] for h in r["hazards"]) for r in test)
+    if in_path < s["min_test_in_path"]:
+        raise SystemExit(f"test set has {in_path} in-path scenes, fewer than "
+                         f"{s['min_test_in_path']}: raise the test size")
+    return {"test_scenes": len(test), "test_in_path_scenes": in_path}
 
 
-def training_tail(path: Path, last: int = 5) -> dict:
-    """Mean of the last ``last`` logged values of the SRD-RL step metrics (``train_*``)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "gt_is_best" in r][-last:]
-    return {f"train_{k}": float(np.mean([r[k] for r in rows])) for k in TRAINING_METRICS
-            if rows and k in rows[0]}
+def train_task(out: Path, name: str, data: Path, policy: str, steps: int, seed: int,
+               flags: list[str], s: dict) -> tuple:
+    run = out / "runs" / name
+    argv = ["--data_path", str(data), "--output_dir", str(run), "--policy", policy,
+            "--max_steps", str(steps), "--seed", str(seed), "--per_device_train_batch_size",
+            str(s["batch"]), "--logging_steps", str(max(1, steps // 50)), "--eval_samples", "0",
+            "--dataloader_workers", "1", "--save_total_limit", "1", "--overwrite_output_dir",
+            *flags]
+    return ("srdrl.train", argv, run / "policy" / "config.json", out / "logs" / f"{name}.log")
 
 
-def pretrained_dir(out: Path, noise: float, seed: int) -> Path:
-    return out / "runs" / f"pretrain_noise{noise:g}_seed{seed}"
+def eval_task(out: Path, name: str, split: Path, tag: str, seed: int, s: dict) -> tuple:
+    dest = out / "runs" / name / f"eval_{tag}_seed{seed}"
+    argv = ["--policy", str(out / "runs" / name / "policy"), "--data_path", str(split),
+            "--output_dir", str(dest), "--reasoning_modes", "generated", "oracle",
+            "--num_seeds", "1", "--seed", str(seed), "--num_samples", str(s["eval_samples"]),
+            "--no_image_ablation", "--pictures", "0", "--train_data_path", "none"]
+    return ("srdrl.evaluate", argv, dest / "eval_report.json",
+            out / "logs" / f"eval_{name}_{tag}_seed{seed}.log")
 
 
-def pretrain(args, out: Path, data: Path, noise: float, seed: int) -> dict:
-    """Supervised pretraining shared by every arm of this noise level and seed."""
-    result = train_run(args, pretrained_dir(out, noise, seed), data, args.pretrain_steps, seed,
-                       [*ARMS["sft"], "--learning_rate", str(args.pretrain_lr)],
-                       args.pretrain_batch)
-    return {"arm": "pretrain", "noise": noise, "seed": seed, **result}
+def run_name(arm: str, noise: float, seed: int) -> str:
+    return f"{arm}_noise{noise:g}_seed{seed}"
 
 
-def run_one(args, out: Path, data: Path, arm: str, noise: float, seed: int) -> dict:
-    flags = list(ARMS[arm])
-    if args.pretrained:
-        flags += ["--policy", args.pretrained.replace("{noise}", f"{noise:g}")]
-    elif args.pretrain_steps > 0:
-        flags += ["--policy", str(pretrained_dir(out, noise, seed) / "policy")]
-    result = train_run(args, out / "runs" / f"{arm}_noise{noise:g}_seed{seed}", data,
-                       args.steps, seed, flags, args.batch)
-    return {"arm": arm, "noise": noise, "seed": seed, **result}
+def finetune(runner: Runner, out: Path, s: dict, arms: dict[str, list[str]],
+             levels: dict[str, list[float]]) -> None:
+    """Fine-tune each arm on its noise levels from every base; evaluate on validation."""
+    train, evals = [], []
+    for arm, flags in arms.items():
+        for noise in levels[arm]:
+            target = out / "data" / f"target{noise:g}"
+            for b in s["base_seeds"]:
+                name = run_name(arm, noise, b)
+                base = str(out / "runs" / f"base_seed{b}" / "policy")
+                train.append(train_task(out, name, target / "train.jsonl", base, s["steps"],
+                                        1000 + b, [*FINETUNE_FLAGS, *flags], s))
+                evals.append(eval_task(out, name, target / "val.jsonl", "val", 0, s))
+    runner.many(train)
+    runner.many(evals)
 
 
-def table(rows: list[dict], gates: dict) -> str:
-    lines = ["| arm | noise | seeds | " + " | ".join(METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
-    groups: dict[tuple, list] = {}
-    for r in rows:
-        if "report" in r:
-            groups.setdefault((r["arm"], r["noise"]), []).append(r["report"])
-    for (arm, noise), reports in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        cells = []
-        for m in METRICS:
-            vals = np.array([rep[m] for rep in reports if rep.get(m) is not None], float)
-            cells.append(f"{vals.mean():.3f} ± {vals.std():.3f}" if len(vals) else "n/a")
-        lines.append(f"| {arm} | {noise:g} | {len(reports)} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Trust gate on the training labels (no policy involved):")
-    lines.append("")
-    lines.append("| noise | noisy labels | gate precision | gate recall | label safety noisy / "
-                 "clean (mean) | AUROC of 1 - safety | best-F1 unsafe threshold (diagnostic) |")
-    lines.append("|---|---|---|---|---|---|---|")
-    for noise, g in sorted(gates.items()):
-        lines.append(
-            f"| {noise:g} | {g.get('noisy_labels')} | {_f(g.get('precision'))} | "
-            f"{_f(g.get('recall'))} | {_f(g.get('label_safety_noisy_mean'))} / "
-            f"{_f(g.get('label_safety_clean_mean'))} | {_f(g.get('auroc_one_minus_safety'))} | "
-            f"{_f(g.get('diagnostic_best_f1_unsafe_threshold_unsafe_threshold'))} |")
-    return "\n".join(lines)
+def read_eval(out: Path, name: str, tag: str, seed: int) -> tuple[dict, dict, list[dict]]:
+    dest = out / "runs" / name / f"eval_{tag}_seed{seed}"
+    modes = json.loads((dest / "eval_report.json").read_text())["evaluation"]["modes"]
+    rows = [json.loads(x) for x in (dest / "eval_scenes.jsonl").read_text().splitlines()]
+    return modes["generated"], modes.get("oracle", {}), rows
 
 
-def _f(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+def val_score(out: Path, arm: str, s: dict) -> dict:
+    reports = [read_eval(out, run_name(arm, ABLATION_NOISE, b), "val", 0)[0]
+               for b in s["base_seeds"]]
+    return {k: _mean([r.get(k) for r in reports]) for k in TABLE_METRICS}
 
 
-def gate_summary(data: Path) -> dict:
-    from srdrl.config import RewardConfig
-    from srdrl.data.dataset import JsonlDataset
-    from srdrl.evaluate import gate_diagnostics
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
-    d = gate_diagnostics(JsonlDataset(data / "train.jsonl"),
-                         RewardConfig(scoring_backend="kornia"))
-    flat = {}
-    for k, v in d.items():  # keep the scalar figures, whatever their nesting
-        if isinstance(v, dict):
-            flat.update({f"{k}_{kk}": vv for kk, vv in v.items()
-                         if not isinstance(vv, (dict, list))})
-        elif not isinstance(v, list):
-            flat[k] = v
-    return flat
+
+def choose(out: Path, s: dict) -> tuple[str, dict]:
+    """The variant with the lowest validation in-path crossing whose hazard-free ADE stays
+    within 10% of supervised's (if none does, the lowest crossing, marked)."""
+    scores = {v: val_score(out, f"srdrl_best_{v}", s) for v in s["variants"]}
+    ref = val_score(out, "supervised", s)["ade_hazard_free"]
+    ok = [v for v in scores if ref is None or (scores[v]["ade_hazard_free"] or 0) <= 1.1 * ref]
+    pick = min(ok or scores, key=lambda v: scores[v]["hazard_crossing_rate_in_path_scenes"]
+               if scores[v]["hazard_crossing_rate_in_path_scenes"] is not None else 1.0)
+    return pick, {"validation": scores, "supervised_ade_hazard_free": ref,
+                  "within_ade_bound": bool(ok), "chosen": pick}
+
+
+def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
+    """Per noise level and arm: test metrics (mean over base and evaluation seeds),
+    training diagnostics, and the paired bootstrap ratio of in-path crossing vs supervised."""
+    results = {}
+    for arm, levels in arms.items():
+        for noise in levels:
+            gen, orc, crossing = [], [], []
+            for b in s["base_seeds"]:
+                for e in s["eval_seeds"]:
+                    g, o, rows = read_eval(out, run_name(arm, noise, b), "test", e)
+                    gen.append(g)
+                    orc.append(o)
+                    crossing.append([r["crosses"] for r in sorted(rows, key=lambda r: r["index"])
+                                     if r["in_path"]])
+            train = [training_summary(out / "runs" / run_name(arm, noise, b) / "metrics.jsonl")
+                     for b in s["base_seeds"]]
+            row = {k: _mean([g.get(k) for g in gen]) for k in TABLE_METRICS}
+            row["oracle_crossing_in_path (diagnostic)"] = _mean(
+                [o.get("hazard_crossing_rate_in_path_scenes") for o in orc])
+            row.update({f"train_{k}": _mean([t.get(k) for t in train])
+                        for k in ("gt_is_best", "label_beaten", "gate_precision", "gate_recall")})
+            row["_crossing"] = np.array(crossing, dtype=np.float64)  # (base x eval, scenes)
+            results[(arm, noise)] = row
+    for (arm, noise), row in results.items():
+        ref = results.get(("supervised", noise))
+        if arm != "supervised" and ref is not None:
+            row["ratio_vs_supervised"] = paired_bootstrap_ratio(
+                row["_crossing"], ref["_crossing"], resamples=s["resamples"])
+    for row in results.values():
+        del row["_crossing"]
+    return results
+
+
+def markdown(results: dict, meta: dict) -> str:
+    cols = [*TABLE_METRICS, "oracle_crossing_in_path (diagnostic)", "train_gt_is_best",
+            "train_label_beaten", "train_gate_precision", "train_gate_recall"]
+    lines = [f"scale {meta['scale']}; test: {meta['data']['test_in_path_scenes']} in-path of "
+             f"{meta['data']['test_scenes']} scenes; chosen: {meta['choice']['chosen']}", "",
+             "| noise | arm | " + " | ".join(cols) + " | in-path crossing / supervised "
+             "(95% CI) |", "|---|---|" + "---|" * (len(cols) + 1)]
+    for (arm, noise), row in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        r = row.get("ratio_vs_supervised")
+        ratio = (f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                 if r and r["ratio"] is not None else "-")
+        cells = ["-" if row[c] is None else f"{row[c]:.3f}" for c in cols]
+        lines.append(f"| {noise:g} | {arm} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.pretrained and args.pretrain_steps > 0:
-        raise SystemExit("give --pretrained or --pretrain-steps, not both")
-    out = Path(args.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    levels = sorted(set(args.noise) | {args.ablation_noise})
-    with ThreadPoolExecutor(len(levels)) as pool:  # the generator runs in this process
-        data = dict(zip(levels, pool.map(lambda n: make_data(out, n, args.scenes), levels),
-                        strict=True))
-    jobs = []
-    for noise in args.noise:
-        for arm in args.arms:
-            if arm in MAIN_ARMS or noise == args.ablation_noise:
-                jobs += [(arm, noise, s) for s in args.seeds]
-    pretrain_rows = []
-    if args.pretrain_steps > 0:
-        cells = sorted({(noise, seed) for _, noise, seed in jobs})
-        print(f"{len(cells)} supervised pretraining runs of {args.pretrain_steps} steps",
-              flush=True)
-        with ThreadPoolExecutor(args.parallel) as pool:
-            pretrain_rows = list(pool.map(lambda c: pretrain(args, out, data[c[0]], *c), cells))
-        if any("error" in r for r in pretrain_rows):
-            print(f"pretraining failed: {[r for r in pretrain_rows if 'error' in r]}")
-            return 1
-        if args.pretrain_only:
-            jobs = []
-    print(f"{len(jobs)} runs, {args.parallel} at a time, {args.steps} steps each", flush=True)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda j: run_one(args, out, data[j[1]], *j), jobs))
-    rows = pretrain_rows + rows
-    gates = {}
-    for n in args.noise:
-        try:
-            gates[n] = gate_summary(data[n])
-        except Exception as e:  # a level without noisy labels has no precision to give
-            gates[n] = {"error": str(e)}
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "runs": rows,
-                                                  "gate": gates}, indent=2, default=str))
-    text = table(rows, gates)
-    (out / "table.md").write_text(text + "\n")
+    s, out = SCALES[args.scale], Path(args.out)
+    runner = Runner(args)
+    data = make_data(runner, out, s)
+    runner.many([train_task(out, f"base_seed{b}", out / "data/source/train.jsonl", "tiny",
+                            s["base_steps"], b, BASE_FLAGS, s) for b in s["base_seeds"]])
+    every, worst = s["noise"], [ABLATION_NOISE]
+    finetune(runner, out, s, {**FIXED_ARMS, **{f"srdrl_best_{v}": best_flags(v)
+                                               for v in s["variants"]}},
+             {**{a: every for a in FIXED_ARMS}, **{f"srdrl_best_{v}": worst
+                                                    for v in s["variants"]}})
+    pick, choice = choose(out, s)
+    for b in s["base_seeds"]:  # the chosen variant's runs at ABLATION_NOISE are srdrl_best's
+        alias = out / "runs" / run_name("srdrl_best", ABLATION_NOISE, b)
+        if not alias.exists():
+            alias.symlink_to(run_name(f"srdrl_best_{pick}", ABLATION_NOISE, b))
+    final = {"srdrl_best": best_flags(pick),
+             **{f"without_{p}": best_flags(pick, without=p) for p in PARTS}}
+    finetune(runner, out, s, final, {a: every if a == "srdrl_best" else worst for a in final})
+    meta = {"scale": args.scale, "settings": s, "data": data, "choice": choice,
+            "arms": {**FIXED_ARMS, **final}}
+    if args.stage == "val":
+        (out / "results.json").write_text(json.dumps(meta, indent=2))
+        return 0
+    levels = {a: every for a in (*FIXED_ARMS, "srdrl_best")}
+    levels.update({a: worst for a in final if a != "srdrl_best"})
+    test = out / "data/test/val.jsonl"
+    runner.many([eval_task(out, run_name(a, n, b), test, "test", e, s) for a, ns in
+                 levels.items() for n in ns for b in s["base_seeds"] for e in s["eval_seeds"]])
+    results = test_table(out, s, levels)
+    meta["test"] = [{"arm": a, "noise": n, **row} for (a, n), row in results.items()]
+    (out / "results.json").write_text(json.dumps(meta, indent=2))
+    text = markdown(results, meta)
+    (out / "table.md").write_text(text)
     print(text)
-    failed = [r for r in rows if "error" in r]
-    if failed:
-        print(f"{len(failed)} runs failed: {failed}")
-    return 1 if failed else 0
+    return 0
 
 
 if __name__ == "__main__":

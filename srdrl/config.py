@@ -58,6 +58,14 @@ class RewardConfig:
     """Path-safety backend: auto (Triton on CUDA, Kornia on CPU), triton, kornia, reference."""
     neutral_alignment: float = 0.5
     """Reasoning alignment given when the reasoning states no intent."""
+    trust_gate_mode: str = "absolute"
+    """When the gate distrusts a label whose reasoning names a danger: 'absolute' (the
+    seed's rule: the label's own safety < unsafe_threshold) or 'relative' (no fixed
+    threshold, nothing from the label flags: the best policy candidate's safety exceeds
+    the label's by more than gate_safety_margin; never fires when the label is scored
+    alone)."""
+    gate_safety_margin: float = 0.1
+    """Relative gate: how much safer than the label the best candidate must be."""
 
     def __post_init__(self):
         # Written so that NaN fails every check: a comparison with NaN is False.
@@ -81,6 +89,12 @@ class RewardConfig:
         patch = self.safety_patch_size
         if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
             raise ValueError(f"safety_patch_size must be an integer >= 1 (pixels), got {patch!r}")
+        if self.trust_gate_mode not in ("absolute", "relative"):
+            raise ValueError(f"trust_gate_mode must be 'absolute' or 'relative', got "
+                             f"{self.trust_gate_mode!r}")
+        if not 0.0 <= self.gate_safety_margin < 1.0:
+            raise ValueError(f"gate_safety_margin must be in [0, 1) (safety units), got "
+                             f"{self.gate_safety_margin}")
         if self.scoring_backend not in ("auto", "triton", "kornia", "reference"):
             raise ValueError(f"scoring_backend must be auto, triton, kornia or reference, got "
                              f"{self.scoring_backend!r}")
@@ -130,6 +144,23 @@ class ObjectiveConfig:
     """Sampling temperature of the generated rollout reasoning; 0 is greedy decoding."""
     rollout_top_p: float = 1.0
     """Nucleus (top-p) of the generated rollout reasoning, when rollout_temperature > 0."""
+    candidate_noise: str = "none"
+    """Exploration beyond the sampler's start noise: 'none' (the seed's) or 'trajectory':
+    every policy sample but the first is scaled per axis and shifted sideways as a whole
+    (srdrl/exploration.py), so a candidate can leave the label's mode."""
+    candidate_scale_std: float = 0.2
+    """Trajectory noise: std of the per-candidate, per-axis scale (x and y times 1 + s eps)."""
+    candidate_offset_std: float = 2.0
+    """Trajectory noise: std (metres) of the per-candidate lateral offset, ramped in over 2 s."""
+    awr_baseline: str = "mean"
+    """What an advantage is measured against: 'mean' (the scene's mean reward, the seed's)
+    or 'label' (the label's own reward: A = r - r_label, and only candidates with A > 0 get
+    a weight; a scene whose label no candidate beats adds nothing to the AWR term)."""
+    lower_traj_weight_when_beaten: bool = False
+    """Scale the supervised trajectory loss of a scene by beaten_traj_weight when some policy
+    candidate out-scores its label (needs the RL term)."""
+    beaten_traj_weight: float = 0.1
+    """Supervised loss weight in scenes whose label a candidate beats (1.0 in the others)."""
 
     def __post_init__(self):
         if self.rollout_reasoning not in ("dataset", "generated"):
@@ -146,6 +177,15 @@ class ObjectiveConfig:
                              f"{self.num_trajectory_samples}")
         if self.flow_steps < 1:
             raise ValueError(f"flow_steps must be >= 1, got {self.flow_steps}")
+        if self.candidate_noise not in ("none", "trajectory"):
+            raise ValueError(f"candidate_noise must be 'none' or 'trajectory', got "
+                             f"{self.candidate_noise!r}")
+        if self.awr_baseline not in ("mean", "label"):
+            raise ValueError(f"awr_baseline must be 'mean' or 'label', got {self.awr_baseline!r}")
+        if min(self.candidate_scale_std, self.candidate_offset_std) < 0 or not (
+                0.0 <= self.beaten_traj_weight <= 1.0):
+            raise ValueError("candidate_scale_std and candidate_offset_std must be >= 0 and "
+                             "beaten_traj_weight in [0, 1]")
         if self.awr_mode not in ("best", "all"):
             raise ValueError(f"awr_mode must be 'best' or 'all', got {self.awr_mode!r}")
         if self.awr_temperature <= 0 or self.awr_max_weight <= 0:

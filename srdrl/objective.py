@@ -14,6 +14,12 @@ toward the chosen candidates' actions, with gradient through the expert (and thr
 prefix into the VLM unless the policy stops it). A sampled candidate's action is the one
 the sampler produced it from; the label's is ``traj_to_action`` of the label.
 
+Label-relative options (each off by default, the seed's behaviour): ``candidate_noise
+"trajectory"`` explores with whole-path noise after sampling (``srdrl.exploration``);
+``awr_baseline "label"`` measures advantages against the label's reward and weights only
+candidates that beat it; ``lower_traj_weight_when_beaten`` scales the supervised loss of a
+scene whose label some candidate beats by ``beaten_traj_weight``.
+
 Self-reflective rollouts (``rollout_reasoning = "generated"``): before sampling, the
 policy generates its own reasoning from the images (greedy unless a rollout temperature is
 set), the candidates are denoised against the prefix of prompt + that text, and the danger
@@ -39,6 +45,7 @@ from torch import nn
 
 from srdrl.config import ObjectiveConfig, RewardConfig
 from srdrl.data.dataset import scored_images
+from srdrl.exploration import trajectory_noise
 from srdrl.policy.generation import generate_reasoning, reasoning_prefix
 from srdrl.policy.model import Prefix, VLAPolicy
 from srdrl.policy.sampler import sample_trajectories
@@ -47,9 +54,11 @@ from srdrl.rewards import RewardTerms, score_candidates
 from srdrl.timing import NULL_TIMER
 
 
-def advantages(reward: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """reward (B, C) minus the scene's mean, optionally over its std. Ties give zeros."""
-    adv = reward - reward.mean(dim=1, keepdim=True)
+def advantages(reward: torch.Tensor, normalize: bool, baseline: str = "mean") -> torch.Tensor:
+    """reward (B, C) minus the scene's mean (``baseline`` 'mean') or minus the label's own
+    reward, candidate 0 ('label'), optionally over the scene's std. Ties give zeros."""
+    base = reward[:, :1] if baseline == "label" else reward.mean(dim=1, keepdim=True)
+    adv = reward - base
     if normalize:
         std = reward.std(dim=1, keepdim=True, unbiased=False)
         adv = torch.where(std > 1e-8, adv / std.clamp_min(1e-8), torch.zeros_like(adv))
@@ -59,6 +68,32 @@ def advantages(reward: torch.Tensor, normalize: bool) -> torch.Tensor:
 def awr_weights(adv: torch.Tensor, temperature: float, max_weight: float) -> torch.Tensor:
     """min(exp(A / temperature), max_weight), computed without overflow."""
     return torch.exp((adv / temperature).clamp(max=torch.log(torch.tensor(max_weight)).item()))
+
+
+def candidate_weights(adv: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """AWR weights (B, C) of advantages (B, C): min(exp(A / T), max); with the label
+    baseline only candidates that beat the label (A > 0) keep theirs, the rest get 0."""
+    weights = awr_weights(adv, cfg.awr_temperature, cfg.awr_max_weight)
+    if cfg.awr_baseline == "label":
+        weights = torch.where(adv > 0, weights, torch.zeros_like(weights))
+    return weights
+
+
+def label_beaten(reward: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: some policy candidate's reward exceeds the label's (candidate 0)."""
+    return (reward[:, 1:] > reward[:, :1]).any(dim=1)
+
+
+def supervised_scene_weights(cfg: ObjectiveConfig, gt_weight: torch.Tensor | None,
+                             beaten: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-scene weight (B,) of the supervised trajectory loss, or None for plain 1: the
+    gate's label weight (``gate_supervised_loss``) times beaten_traj_weight where a
+    candidate beats the label (``lower_traj_weight_when_beaten``)."""
+    weight = gt_weight if cfg.gate_supervised_loss else None
+    if cfg.lower_traj_weight_when_beaten and beaten is not None:
+        lowered = torch.where(beaten, cfg.beaten_traj_weight, 1.0)
+        weight = lowered if weight is None else weight * lowered.to(weight)
+    return weight
 
 
 class ConsistencyHeads(nn.Module):
@@ -186,7 +221,7 @@ def srdrl_loss(
 
     metrics: dict[str, torch.Tensor] = {}
     awr = label.new_zeros(())
-    gt_weight = None
+    gt_weight = beaten = None
     if cfg.rl_loss_weight > 0:
         texts = list(batch["reasoning_text"])  # what the danger and intent rewards read
         rollout_prefix = prefix
@@ -198,13 +233,18 @@ def srdrl_loss(
         with torch.no_grad(), timer.section("sampling"):  # not differentiated
             samples = sample_candidates(batch, generator, rollout_prefix.detach())
         actions, trajs = (x.to(device) for x in samples)
+        if cfg.candidate_noise == "trajectory":
+            with timer.section("sampling"):
+                actions, trajs = trajectory_noise(
+                    actions, trajs, history, policy.action_space, cfg.candidate_scale_std,
+                    cfg.candidate_offset_std, generator)
         candidates = torch.cat([label[:, None], trajs], dim=1)  # (B, 1 + N, T, 3)
         cand_actions = torch.cat([label_actions[:, None], actions], dim=1)  # (B, 1 + N, T, 2)
         with timer.section("scoring"):
             terms = _score(scorer, batch, candidates, label, reward_cfg, texts)
         with timer.section("awr"):
-            adv = advantages(terms.reward, cfg.normalize_advantage)  # (B, C)
-            weights = awr_weights(adv, cfg.awr_temperature, cfg.awr_max_weight)
+            adv = advantages(terms.reward, cfg.normalize_advantage, cfg.awr_baseline)
+            weights = candidate_weights(adv, cfg)  # (B, C)
             if cfg.awr_mode == "best":
                 best = terms.reward.argmax(dim=1)  # (B,)
                 rows = torch.arange(best.shape[0], device=device)
@@ -214,14 +254,15 @@ def srdrl_loss(
             else:
                 awr = policy.flow_matching_loss(prefix, cand_actions, weights=weights,
                                                 generator=generator)
-        gt_weight = terms.gt_weight
-        metrics.update(_reward_metrics(terms, adv, weights))
+        gt_weight, beaten = terms.gt_weight, label_beaten(terms.reward)
+        metrics.update(_reward_metrics(terms, adv, weights, beaten, batch))
     elif cfg.gate_supervised_loss:  # the gate needs the label's own safety and danger
         gt_weight = _score(scorer, batch, label[:, None], label, reward_cfg,
                            batch["reasoning_text"]).gt_weight
 
-    if cfg.gate_supervised_loss and gt_weight is not None:
-        traj = (traj_per_scene * gt_weight.to(traj_per_scene)).mean()
+    scene_weight = supervised_scene_weights(cfg, gt_weight, beaten)
+    if scene_weight is not None:
+        traj = (traj_per_scene * scene_weight.to(traj_per_scene)).mean()
     else:
         traj = traj_per_scene.mean()
     total = prefix.language_loss + cfg.traj_loss_weight * traj
@@ -235,11 +276,24 @@ def srdrl_loss(
     return total, dict(zip(metrics, values, strict=True))  # one host sync for all metrics
 
 
-def _reward_metrics(terms: RewardTerms, adv: torch.Tensor, weights: torch.Tensor) -> dict:
+def _reward_metrics(terms: RewardTerms, adv: torch.Tensor, weights: torch.Tensor,
+                    beaten: torch.Tensor, batch: dict) -> dict:
     """Reward metrics as 0-d tensors. gt_sim averages the policy samples only (the label's
-    own is 1); visible_fraction counts candidates with at least one visible waypoint."""
+    own is 1); visible_fraction counts candidates with at least one visible waypoint.
+    Where the batch carries the evaluation-only ``label_noisy`` flags, two more metrics
+    let a run's gate precision and recall be read from its log (they are logged, never
+    used by the loss): label_noisy (share of noisy labels) and gate_fired_noisy (share
+    of scenes where the gate fired on a noisy label)."""
     best = terms.reward.argmax(dim=1)
+    flags = [e.get("label_noisy") for e in batch.get("eval", [])]
+    noisy = {}
+    if flags and all(f is not None for f in flags):
+        is_noisy = torch.tensor(flags, dtype=torch.bool, device=terms.reward.device)
+        noisy = {"label_noisy": is_noisy.float().mean(),
+                 "gate_fired_noisy": (terms.gate_fired & is_noisy).float().mean()}
     return {
+        **noisy,
+        "label_beaten": beaten.float().mean(),
         "reward_mean": terms.reward.mean(),
         "reward_best": terms.reward.max(dim=1).values.mean(),
         "gt_is_best": (best == 0).float().mean(),

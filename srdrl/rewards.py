@@ -10,7 +10,8 @@ the labelled trajectory (docs/DESIGN.md, "Rewards and the trust gate"):
   scored against each candidate's own motion, never against the label;
 - trust gate: the label's weight falls from gt_trust_max toward gt_trust_min with the
   danger confidence when the reasoning names a danger (confidence >= danger_threshold)
-  and the label's own path looks unsafe (safety < unsafe_threshold);
+  and the label's own path looks unsafe (safety < unsafe_threshold, or with
+  trust_gate_mode 'relative' the best sample is safer by more than gate_safety_margin);
 - reward = w_safety * safety + w_gt * gt_weight * gt_sim + w_reasoning * alignment.
 
 Intent rule (``parse_intent``): the reasoning is read for instructions, not descriptions.
@@ -278,16 +279,25 @@ def gt_similarity(candidates: torch.Tensor, label: torch.Tensor, scale: float) -
 
 
 def trust_gate(
-    danger: torch.Tensor, label_safety: torch.Tensor, cfg: RewardConfig
+    danger: torch.Tensor, label_safety: torch.Tensor, cfg: RewardConfig,
+    best_sample_safety: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label weight (B,) and whether the gate fired (B,).
 
     Fires only when the reasoning names a danger (confidence >= danger_threshold) and the
-    label's path looks unsafe (safety < unsafe_threshold); the weight then falls linearly
-    from gt_trust_max toward gt_trust_min with the danger confidence, so it stays within
+    label's path looks unsafe: its safety < unsafe_threshold (``trust_gate_mode``
+    'absolute'), or the best policy sample's safety (B,) > the label's + gate_safety_margin
+    ('relative'; never without samples). The weight then falls linearly from gt_trust_max
+    toward gt_trust_min with the danger confidence, so it stays within
     [gt_trust_min, gt_trust_max] and never exceeds the trusted weight.
     """
-    fired = (danger >= cfg.danger_threshold) & (label_safety < cfg.unsafe_threshold)
+    if cfg.trust_gate_mode == "absolute":
+        unsafe = label_safety < cfg.unsafe_threshold
+    elif best_sample_safety is None:
+        unsafe = torch.zeros_like(label_safety, dtype=torch.bool)
+    else:
+        unsafe = best_sample_safety > label_safety + cfg.gate_safety_margin
+    fired = (danger >= cfg.danger_threshold) & unsafe
     if not cfg.use_trust_gate:
         fired = torch.zeros_like(fired)
     lowered = cfg.gt_trust_max - (cfg.gt_trust_max - cfg.gt_trust_min) * danger.clamp(0, 1)
@@ -332,7 +342,8 @@ def score_candidates(
         alignment = motion_alignment(candidates, history, intents, cfg.neutral_alignment)
         danger = torch.tensor([danger_confidence(t) for t in reasoning],
                               dtype=candidates.dtype, device=candidates.device)
-        gt_weight, fired = trust_gate(danger, safety[:, 0], cfg)
+        best_sample = safety[:, 1:].max(dim=1).values if safety.shape[1] > 1 else None
+        gt_weight, fired = trust_gate(danger, safety[:, 0], cfg, best_sample)
         reward = (cfg.safety_reward_weight * safety
                   + cfg.gt_reward_weight * gt_weight[:, None] * gt_sim
                   + cfg.reasoning_reward_weight * alignment)

@@ -1,0 +1,68 @@
+"""The noisy-label experiment's statistics (known answers) and its smoke scale end to end."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from experiment_stats import paired_bootstrap_ratio, training_summary  # noqa: E402
+
+
+def test_bootstrap_of_two_scenes_has_the_enumerated_distribution():
+    # scenes: the reference crosses in both, the arm in the first only. Drawing two scenes
+    # with replacement gives the ratio 1 (1/4), 1/2 (1/2) or 0 (1/4): the 95% interval is
+    # [0, 1] and the point estimate 1/2.
+    r = paired_bootstrap_ratio(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]),
+                               resamples=4000, seed=1)
+    assert r["ratio"] == 0.5 and r["ci_low"] == 0.0 and r["ci_high"] == 1.0
+    narrow = paired_bootstrap_ratio(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]),
+                                    resamples=4000, level=0.4, seed=1)
+    assert narrow["ci_low"] == narrow["ci_high"] == 0.5  # the middle 40% is all 1/2
+
+
+def test_bootstrap_resamples_runs_too_and_keeps_pairs():
+    # two runs of one scene: the arm crosses in run 0 only -> the same three-point law
+    r = paired_bootstrap_ratio(np.array([[1.0], [0.0]]), np.array([[1.0], [1.0]]),
+                               resamples=4000, seed=2)
+    assert (r["ratio"], r["ci_low"], r["ci_high"]) == (0.5, 0.0, 1.0)
+    same = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    r = paired_bootstrap_ratio(same, same, resamples=500)
+    assert r["ci_low"] == r["ci_high"] == 1.0  # paired draws: an arm equal to the reference
+    half = paired_bootstrap_ratio(0.5 * same, same, resamples=500)
+    assert half["ci_low"] == half["ci_high"] == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        paired_bootstrap_ratio(np.ones((2, 3)), np.ones((3, 2)))
+
+
+def test_training_summary_reads_gate_precision_and_recall(tmp_path):
+    rows = [{"step": 1, "loss": 1.0},  # a supervised row: no RL metrics
+            {"gt_is_best": 1.0, "label_beaten": 0.0, "gate_fired": 0.5,
+             "gate_fired_noisy": 0.25, "label_noisy": 0.5},
+            {"gt_is_best": 0.5, "label_beaten": 0.5, "gate_fired": 0.0,
+             "gate_fired_noisy": 0.0, "label_noisy": 0.25}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = training_summary(path)
+    assert s["gt_is_best"] == 0.75 and s["gt_is_best_last_fifth"] == 0.5
+    assert s["gate_precision"] == pytest.approx(0.125 / 0.25)  # fired 0.25, hit 0.125
+    assert s["gate_recall"] == pytest.approx(0.125 / 0.375)
+
+
+@pytest.mark.slow
+def test_smoke_scale_runs_end_to_end(tmp_path):
+    import noisy_label_experiment as exp
+
+    assert exp.main(["--out", str(tmp_path), "--scale", "smoke", "--device", "cpu",
+                     "--jobs", "2"]) == 0
+    meta = json.loads((tmp_path / "results.json").read_text())
+    arms = {row["arm"] for row in meta["test"]}
+    assert {"supervised", "srdrl_seed", "srdrl_best"} <= arms
+    assert {f"without_{p}" for p in exp.PARTS} <= arms
+    best = next(r for r in meta["test"] if r["arm"] == "srdrl_best")
+    assert best["ratio_vs_supervised"]["scenes"] == meta["data"]["test_in_path_scenes"]
+    assert "in-path crossing / supervised" in (tmp_path / "table.md").read_text()
