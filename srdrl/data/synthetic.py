@@ -18,6 +18,7 @@ happened.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -61,8 +62,8 @@ class SyntheticDataConfig:
     val_fraction: float = 0.1
     """Fraction of the scenes that go to val.jsonl (at least one)."""
     workers: int = 0
-    """Processes that draw and render scenes (0: one per CPU core); the files are the same
-    for every count."""
+    """Processes that draw and render scenes (0: one per usable CPU core, or this process
+    alone below 64 scenes); the files are the same for every count."""
 
     def __post_init__(self):
         if self.num_scenes < 2:
@@ -127,6 +128,10 @@ def make_scene_record(cfg: SyntheticDataConfig, index: int, *, split: str, root:
     }
 
 
+MIN_SCENES_PER_POOL = 64
+"""Below this many scenes, workers=0 renders in this process."""
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -143,7 +148,12 @@ def make_dataset(cfg: SyntheticDataConfig, progress: bool = True) -> dict[str, P
     splits = {"train": range(cfg.num_scenes - num_val), "val": range(cfg.num_scenes - num_val,
                                                                       cfg.num_scenes)}
     workers = min(cfg.workers or usable_cores(), cfg.num_scenes)
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    if not cfg.workers and cfg.num_scenes < MIN_SCENES_PER_POOL:
+        workers = 1  # starting the workers would cost more than it saves
+    # spawned, not forked: a fork of a process whose torch/OpenMP threads hold locks can
+    # deadlock in the child
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 1 else None)
     paths = {}
     bar = tqdm(total=cfg.num_scenes, desc="scenes", disable=not progress, unit="scene")
     try:
