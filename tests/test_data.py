@@ -289,3 +289,15 @@ def test_unknown_frame_paths_layout_is_refused(tmp_path):
     with pytest.raises(ValueError, match="frame_paths_layout must be one of frames, "
                                          "frames_then_scoring_image, got 'scoring_first'"):
         JsonlDataset(_write_original_layout(tmp_path), "scoring_first")
+
+
+def test_collate_of_different_image_sizes_names_file_and_line(tmp_path):
+    for name, size in (("a.png", (40, 30)), ("b.png", (64, 48))):
+        Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8) + 90).save(tmp_path / name)
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(_good(frame_paths=[f])) for f in ("a.png", "b.png")))
+    ds = JsonlDataset(path)
+    with pytest.raises(DataError, match=r"data\.jsonl:2: field 'frame_paths' gives images of "
+                                        r"shape \(1, 48, 64, 3\), but .*data\.jsonl:1 in the "
+                                        r"same batch has \(1, 30, 40, 3\)"):
+        collate([ds[0], ds[1]])

@@ -386,6 +386,7 @@ class JsonlDataset(torch.utils.data.Dataset):
         item = {
             "index": index,  # position in the file: seeds this scene's noise
             "sample_id": rec["sample_id"],
+            "where": rec["where"],  # file:line
             "images": torch.from_numpy(np.stack(frames)),  # (F, H, W, 3) uint8
             "trajectory": torch.as_tensor(rec["trajectory"], dtype=torch.float32),  # (64, 3)
             "ego_history_xyz": torch.as_tensor(rec["ego_history_xyz"], dtype=torch.float32),
@@ -423,18 +424,31 @@ def scored_images(batch: dict) -> torch.Tensor:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors; keep ``index``, ``reasoning_text``, ``sample_id``, ``eval`` as lists."""
+    """Stack tensors; keep ``index``, ``reasoning_text``, ``sample_id``, ``where``, ``eval``
+    as lists. Tensors of different shapes (images of different sizes in one batch) are a
+    DataError naming the first scene that differs and the batch's first scene."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     out = {}
     for key, value in samples[0].items():
         values = [s[key] for s in samples]
         if isinstance(value, torch.Tensor):
-            shapes = {tuple(v.shape) for v in values}
-            if len(shapes) > 1:
-                raise DataError(f"cannot batch '{key}' of different shapes {sorted(shapes)} "
-                                f"(samples {[s['sample_id'] for s in samples]})")
+            odd = next((s for s in samples if s[key].shape != value.shape), None)
+            if odd is not None:
+                raise DataError(
+                    f"{_where(odd)}: field '{FIELD_OF_KEY.get(key, key)}' gives {key} of shape "
+                    f"{tuple(odd[key].shape)}, but "
+                    f"{_where(samples[0])} in the same batch has {tuple(value.shape)}; scenes "
+                    f"batched together need equal shapes (one image size)")
             out[key] = torch.stack(values)
         else:
             out[key] = values
     return out
+
+
+FIELD_OF_KEY = {"images": "frame_paths", SCORING_IMAGE_KEY: "frame_paths"}
+"""The JSONL field a batch key comes from, where the names differ."""
+
+
+def _where(sample: dict) -> str:
+    return sample.get("where", sample.get("sample_id", "a sample"))
