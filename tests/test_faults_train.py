@@ -81,7 +81,7 @@ def test_deepspeed_config_faults_name_the_file_and_both_values(tmp_path):
     with pytest.raises(ConfigError, match=r"ds\.json: a DeepSpeed config is a JSON object"):
         resolve_deepspeed_config(TrainConfig(deepspeed_config=str(path)), 1)
     for block, flag in [({"gradient_accumulation_steps": 4}, "--gradient_accumulation_steps"),
-                        ({"train_micro_batch_size_per_gpu": 8}, "--per_device_train_batch_size"),
+                        ({"train_micro_batch_size_per_gpu": 16}, "--per_device_train_batch_size"),
                         ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}},
                          "--learning_rate"),
                         ({"zero_optimization": {"stage": 1}}, "--zero_stage")]:
