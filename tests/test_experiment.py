@@ -53,7 +53,7 @@ def test_training_summary_reads_gate_precision_and_recall(tmp_path):
     assert s["gate_recall"] == pytest.approx(0.125 / 0.375)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_smoke_scale_runs_end_to_end(tmp_path):
     import noisy_label_experiment as exp
 

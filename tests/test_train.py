@@ -125,7 +125,7 @@ def test_bad_configs_fail_early(tmp_path, data, capsys, monkeypatch):
     # no --deepspeed_config: the built-in file, whatever the working directory
     monkeypatch.chdir(tmp_path)
     builtin = resolve_deepspeed_config(TrainConfig(), 1)
-    assert builtin["zero_optimization"]["stage"] == 2 and builtin["train_batch_size"] == 4
+    assert builtin["zero_optimization"]["stage"] == 2 and builtin["train_batch_size"] == 8
 
 
 def test_missing_data_path_fails_with_its_name(tmp_path):
