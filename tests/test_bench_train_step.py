@@ -56,7 +56,7 @@ def test_phase_rows_sum_sections_and_rate_against_the_peak():
     assert bench_train_step.phase_rows(per_step, Counted, 16.0, None)["total"]["mfu"] is None
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_smoke_run_reports_every_phase_for_both_optimizers(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
