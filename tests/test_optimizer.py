@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from srdrl.config import TrainConfig
-from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
 from srdrl.engine import initialize_engine, resolve_deepspeed_config
 from srdrl.errors import ConfigError
 from srdrl.optimizer import client_adamw_settings
@@ -191,14 +190,6 @@ def test_a_checkpoint_resumes_only_under_its_optimizer():
 
 
 # --------------------------------------------------------------------------- the trainer
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("optimizer_data")
-    make_dataset(SyntheticDataConfig(output_dir=str(root), num_scenes=14, width=128, height=96,
-                                     seed=4, label_noise=0.5), progress=False)
-    return root / "train.jsonl"
 
 
 def _train(out, data, *flags, check=True):

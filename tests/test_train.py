@@ -12,7 +12,6 @@ import pytest
 
 from srdrl.cli import parse_config
 from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig
-from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
 from srdrl.engine import resolve_deepspeed_config
 from srdrl.errors import ConfigError
 
@@ -23,14 +22,6 @@ DS_CONFIG = ROOT / "ds_config.json"
 def parse_args(argv):
     return parse_config((TrainConfig, ObjectiveConfig, RewardConfig), argv, prog="srdrl-train",
                         description="")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    make_dataset(SyntheticDataConfig(output_dir=str(root), num_scenes=14, width=128, height=96,
-                                     seed=4, label_noise=0.5), progress=False)
-    return root / "train.jsonl"
 
 
 def _env():
