@@ -38,17 +38,32 @@ from experiment_stats import paired_bootstrap_ratio, training_summary  # noqa: E
 
 SCALES = {
     "smoke": dict(noise=[0.3], base_seeds=[0], eval_seeds=[0], source=16, target=16, val=6,
-                  test=10, width=128, height=96, base_steps=3, steps=2, batch=2,
-                  eval_samples=2, variants=["v1"], resamples=200, min_test_in_path=0),
+                  test=10, width=128, height=96, base_steps=3, base_batch=2, steps=2,
+                  batch=2, eval_samples=2, variants=["v1"], ablations=None, resamples=200,
+                  min_test_in_path=0),
+    # what one GPU does in one 10-minute call: the tiny preset's own image size, arms fixed
+    # in advance (no variant to choose, so no validation stage, no ablation), supervised
+    # at noise 0 as the clean reference
+    "session": dict(noise=[0.0, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1], source=2000,
+                    target=1000, val=200, test=600, width=320, height=192, base_steps=800,
+                    base_batch=16, base_lr=2e-3, steps=250, batch=16, lr=1e-3,
+                    eval_samples=4, variants=["v1"], resamples=4000, min_test_in_path=300,
+                    arm_levels={"supervised": [0.0, 0.3], "srdrl_seed": [0.3],
+                                "srdrl_best": [0.3]}),
     "full": dict(noise=[0.0, 0.1, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1, 2],
                  source=2000, target=1000, val=200, test=600, width=640, height=384,
-                 base_steps=6000, steps=1000, batch=4, eval_samples=4,
-                 variants=["v1", "v2"], resamples=4000, min_test_in_path=300),
+                 base_steps=6000, base_batch=4, steps=1000, batch=4, eval_samples=4,
+                 variants=["v1", "v2"], ablations=None, resamples=4000, min_test_in_path=300),
 }
 DATA_SEEDS = {"source": 101, "target": 202, "test": 303}
 ABLATION_NOISE = 0.3
-BASE_FLAGS = ["--rl_loss_weight", "0", "--learning_rate", "1e-3"]
-FINETUNE_FLAGS = ["--learning_rate", "3e-4"]
+def base_flags(s: dict) -> list[str]:
+    return ["--rl_loss_weight", "0", "--learning_rate", str(s.get("base_lr", 1e-3))]
+
+
+def finetune_flags(s: dict) -> list[str]:
+    return ["--learning_rate", str(s.get("lr", 3e-4))]
+
 FIXED_ARMS = {"supervised": ["--rl_loss_weight", "0"], "srdrl_seed": []}
 # the parts of the method: (flags that turn the part on, flags of the run without it)
 PARTS = {
@@ -81,8 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time")
     p.add_argument("--gpus", type=int, default=1, help="with cuda: jobs go round these GPUs")
-    p.add_argument("--stage", choices=["val", "all"], default="all",
-                   help="'val': stop after the validation choice (no test evaluation)")
+    p.add_argument("--stage", choices=["base", "val", "all"], default="all",
+                   help="'base': stop after the base policies; 'val': stop after the "
+                        "validation choice (no test evaluation)")
     return p.parse_args(argv)
 
 
@@ -112,8 +128,15 @@ class Runner:
         print(f"  done {log.stem}", flush=True)
 
     def many(self, tasks: list[tuple]) -> None:
+        self.chains([[t] for t in tasks])
+
+    def chains(self, chains: list[list[tuple]]) -> None:
+        """Each chain's tasks one after another; ``jobs`` chains at a time."""
+        def run(slot, chain):
+            for task in chain:
+                self.one(slot, *task)
         with ThreadPoolExecutor(max(1, self.args.jobs)) as pool:
-            list(pool.map(lambda it: self.one(it[0], *it[1]), enumerate(tasks)))
+            list(pool.map(lambda it: run(*it), enumerate(chains)))
 
 
 def make_data(runner: Runner, out: Path, s: dict) -> dict:
@@ -140,11 +163,12 @@ def make_data(runner: Runner, out: Path, s: dict) -> dict:
 
 
 def train_task(out: Path, name: str, data: Path, policy: str, steps: int, seed: int,
-               flags: list[str], s: dict) -> tuple:
+               flags: list[str], s: dict, batch: int | None = None) -> tuple:
     run = out / "runs" / name
     argv = ["--data_path", str(data), "--output_dir", str(run), "--policy", policy,
             "--max_steps", str(steps), "--seed", str(seed), "--per_device_train_batch_size",
-            str(s["batch"]), "--logging_steps", str(max(1, steps // 50)), "--eval_samples", "0",
+            str(batch or s["batch"]), "--logging_steps", str(max(1, steps // 50)),
+            "--eval_samples", "0",
             "--dataloader_workers", "1", "--save_total_limit", "1", "--overwrite_output_dir",
             *flags]
     return ("srdrl.train", argv, run / "policy" / "config.json", out / "logs" / f"{name}.log")
@@ -152,8 +176,10 @@ def train_task(out: Path, name: str, data: Path, policy: str, steps: int, seed: 
 
 def eval_task(out: Path, name: str, split: Path, tag: str, seed: int, s: dict) -> tuple:
     dest = out / "runs" / name / f"eval_{tag}_seed{seed}"
+    # the oracle-reasoning diagnostic on the first evaluation seed only
+    modes = ["generated", "oracle"] if seed == s["eval_seeds"][0] else ["generated"]
     argv = ["--policy", str(out / "runs" / name / "policy"), "--data_path", str(split),
-            "--output_dir", str(dest), "--reasoning_modes", "generated", "oracle",
+            "--output_dir", str(dest), "--reasoning_modes", *modes, "--batch_size", "32",
             "--num_seeds", "1", "--seed", str(seed), "--num_samples", str(s["eval_samples"]),
             "--no_image_ablation", "--pictures", "0", "--train_data_path", "none"]
     return ("srdrl.evaluate", argv, dest / "eval_report.json",
@@ -175,7 +201,7 @@ def finetune(runner: Runner, out: Path, s: dict, arms: dict[str, list[str]],
                 name = run_name(arm, noise, b)
                 base = str(out / "runs" / f"base_seed{b}" / "policy")
                 train.append(train_task(out, name, target / "train.jsonl", base, s["steps"],
-                                        1000 + b, [*FINETUNE_FLAGS, *flags], s))
+                                        1000 + b, [*finetune_flags(s), *flags], s))
                 evals.append(eval_task(out, name, target / "val.jsonl", "val", 0, s))
     runner.many(train)
     runner.many(evals)
@@ -239,9 +265,19 @@ def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
         if arm != "supervised" and ref is not None:
             row["ratio_vs_supervised"] = paired_bootstrap_ratio(
                 row["_crossing"], ref["_crossing"], resamples=s["resamples"])
+        clean = results.get(("supervised", 0.0))
+        if noise > 0 and clean is not None:  # the goal's "at most 1.2x clean supervised"
+            row["ratio_vs_clean_supervised"] = paired_bootstrap_ratio(
+                row["_crossing"], clean["_crossing"], resamples=s["resamples"])
     for row in results.values():
         del row["_crossing"]
     return results
+
+
+def _ratio_cell(r: dict | None) -> str:
+    if not r or r["ratio"] is None:
+        return "-"
+    return f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
 
 
 def markdown(results: dict, meta: dict) -> str:
@@ -250,14 +286,46 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [f"scale {meta['scale']}; test: {meta['data']['test_in_path_scenes']} in-path of "
              f"{meta['data']['test_scenes']} scenes; chosen: {meta['choice']['chosen']}", "",
              "| noise | arm | " + " | ".join(cols) + " | in-path crossing / supervised "
-             "(95% CI) |", "|---|---|" + "---|" * (len(cols) + 1)]
+             "(95% CI) | / supervised at noise 0 (95% CI) |",
+             "|---|---|" + "---|" * (len(cols) + 2)]
     for (arm, noise), row in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        r = row.get("ratio_vs_supervised")
-        ratio = (f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-                 if r and r["ratio"] is not None else "-")
         cells = ["-" if row[c] is None else f"{row[c]:.3f}" for c in cols]
-        lines.append(f"| {noise:g} | {arm} | " + " | ".join(cells) + f" | {ratio} |")
+        ratios = [_ratio_cell(row.get(k)) for k in ("ratio_vs_supervised",
+                                                    "ratio_vs_clean_supervised")]
+        lines.append(f"| {noise:g} | {arm} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines) + "\n"
+
+
+def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
+    """A scale whose arms are fixed before any run (``arm_levels``; srdrl_best is the one
+    variant): nothing to choose, so no validation stage. Each fine-tuning is chained with
+    its test evaluations, so a short run's core goes on to evaluate at once."""
+    flags = {**FIXED_ARMS, "srdrl_best": best_flags(s["variants"][0])}
+    levels, test = s["arm_levels"], out / "data/test/val.jsonl"
+    chains = []
+    for arm, noises in levels.items():
+        for noise in noises:
+            for b in s["base_seeds"]:
+                name = run_name(arm, noise, b)
+                chains.append([
+                    train_task(out, name, out / "data" / f"target{noise:g}" / "train.jsonl",
+                               str(out / "runs" / f"base_seed{b}" / "policy"), s["steps"],
+                               1000 + b, [*finetune_flags(s), *flags[arm]], s),
+                    *[eval_task(out, name, test, "test", e, s) for e in s["eval_seeds"]]])
+    chains.sort(key=lambda c: "--rollout_reasoning" not in c[0][1])  # the slowest first
+    runner.chains(chains)
+    return report(out, s, levels, {"scale": args.scale, "settings": s, "data": data,
+                                   "choice": {"chosen": s["variants"][0]}, "arms": flags})
+
+
+def report(out: Path, s: dict, levels: dict, meta: dict) -> int:
+    results = test_table(out, s, levels)
+    meta["test"] = [{"arm": a, "noise": n, **row} for (a, n), row in results.items()]
+    (out / "results.json").write_text(json.dumps(meta, indent=2))
+    text = markdown(results, meta)
+    (out / "table.md").write_text(text)
+    print(text)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -266,7 +334,12 @@ def main(argv=None) -> int:
     runner = Runner(args)
     data = make_data(runner, out, s)
     runner.many([train_task(out, f"base_seed{b}", out / "data/source/train.jsonl", "tiny",
-                            s["base_steps"], b, BASE_FLAGS, s) for b in s["base_seeds"]])
+                            s["base_steps"], b, base_flags(s), s, batch=s["base_batch"])
+                 for b in s["base_seeds"]])
+    if args.stage == "base":
+        return 0
+    if "arm_levels" in s:
+        return fixed_arms(runner, out, s, args, data)
     every, worst = s["noise"], [ABLATION_NOISE]
     finetune(runner, out, s, {**FIXED_ARMS, **{f"srdrl_best_{v}": best_flags(v)
                                                for v in s["variants"]}},
@@ -277,8 +350,9 @@ def main(argv=None) -> int:
         alias = out / "runs" / run_name("srdrl_best", ABLATION_NOISE, b)
         if not alias.exists():
             alias.symlink_to(run_name(f"srdrl_best_{pick}", ABLATION_NOISE, b))
+    ablated = PARTS if s["ablations"] is None else s["ablations"]
     final = {"srdrl_best": best_flags(pick),
-             **{f"without_{p}": best_flags(pick, without=p) for p in PARTS}}
+             **{f"without_{p}": best_flags(pick, without=p) for p in ablated}}
     finetune(runner, out, s, final, {a: every if a == "srdrl_best" else worst for a in final})
     meta = {"scale": args.scale, "settings": s, "data": data, "choice": choice,
             "arms": {**FIXED_ARMS, **final}}
@@ -290,13 +364,7 @@ def main(argv=None) -> int:
     test = out / "data/test/val.jsonl"
     runner.many([eval_task(out, run_name(a, n, b), test, "test", e, s) for a, ns in
                  levels.items() for n in ns for b in s["base_seeds"] for e in s["eval_seeds"]])
-    results = test_table(out, s, levels)
-    meta["test"] = [{"arm": a, "noise": n, **row} for (a, n), row in results.items()]
-    (out / "results.json").write_text(json.dumps(meta, indent=2))
-    text = markdown(results, meta)
-    (out / "table.md").write_text(text)
-    print(text)
-    return 0
+    return report(out, s, levels, meta)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,28 @@ def test_smoke_scale_runs_end_to_end(tmp_path):
     best = next(r for r in meta["test"] if r["arm"] == "srdrl_best")
     assert best["ratio_vs_supervised"]["scenes"] == meta["data"]["test_in_path_scenes"]
     assert "in-path crossing / supervised" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.heavy
+def test_fixed_arms_scale_chains_training_and_test(tmp_path, monkeypatch):
+    """The session scale's path: arms fixed in advance, no validation stage, each
+    fine-tuning chained with its test evaluations, ratios against supervised at the same
+    noise and at noise 0."""
+    import noisy_label_experiment as exp
+
+    small = dict(exp.SCALES["session"], source=16, target=16, val=6, test=10, width=128,
+                 height=96, base_steps=2, base_batch=2, steps=2, batch=2, eval_samples=2,
+                 resamples=100, min_test_in_path=0, base_seeds=[0])
+    monkeypatch.setitem(exp.SCALES, "session", small)
+    assert exp.main(["--out", str(tmp_path), "--scale", "session", "--device", "cpu",
+                     "--jobs", "2"]) == 0
+    meta = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["arm"], r["noise"]): r for r in meta["test"]}
+    assert set(rows) == {(a, n) for a, ns in small["arm_levels"].items() for n in ns}
+    assert not list(tmp_path.glob("runs/*/eval_val_*"))  # nothing evaluated on validation
+    assert "ratio_vs_clean_supervised" in rows[("srdrl_best", 0.3)]
+    assert "ratio_vs_supervised" not in rows[("supervised", 0.3)]
+    # the oracle diagnostic on the first evaluation seed only
+    second = tmp_path / "runs" / "supervised_noise0_seed0" / "eval_test_seed1"
+    modes = json.loads((second / "eval_report.json").read_text())["evaluation"]["modes"]
+    assert set(modes) == {"generated"}
