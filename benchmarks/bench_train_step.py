@@ -5,8 +5,13 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
 
   zero2_graph   ZeRO-2, sampler replayed from a CUDA graph, Triton scoring (the default)
   zero2_eager   ZeRO-2, eager sampler, Triton scoring
+  zero2_liger   zero2_graph with --liger_kernels (Liger's RMSNorm, rotary and SwiGLU kernels)
   zero3         ZeRO-3, sampling inside the forward pass, eager (ZeRO-3's hooks gather the
                 expert's parameters as it runs)
+  zero3_prefetch  zero3 with ZeRO-3's prefetch and reuse knobs opened up
+                (ZERO3_PREFETCH: a 5e8-element prefetch bucket, gathered parameters kept
+                live and reused up to 1e10 elements apart, so the Euler loop's ten passes
+                over the expert need not gather it again)
   original      the original pipeline's choices: one candidate at a time (each sample
                 re-encodes its scene and runs its own Euler loop at batch 1) and the
                 OpenCV reference loop for scoring, ZeRO-2
@@ -70,7 +75,9 @@ from common import (  # noqa: E402
 
 from srdrl.config import OPTIMIZERS  # noqa: E402
 
-VARIANTS = ("zero2_graph", "zero2_eager", "zero3", "original")
+VARIANTS = ("zero2_graph", "zero2_eager", "zero2_liger", "zero3", "zero3_prefetch", "original")
+ZERO3_PREFETCH = {"stage3_prefetch_bucket_size": 5 * 10**8,
+                  "stage3_max_live_parameters": 10**10, "stage3_max_reuse_distance": 10**10}
 PHASES = {"prefix_encode": ("vlm_forward",), "sampling": ("generation", "sampling"),
           "scoring": ("scoring",), "loss_forward": ("supervised", "awr"),
           "backward": ("backward",), "optimizer_step": ("optimizer_step",)}
@@ -97,6 +104,9 @@ def parse_args(argv=None):
         args.preset, args.scenes, args.samples, args.flow_steps = "tiny", 2, 2, 2
         args.steps, args.original_steps, args.warmup = 2, 1, 1
         args.width, args.height = 128, 96
+        if "zero2_liger" in args.variants:  # Liger's kernels are CUDA-only
+            print("--smoke: zero2_liger left out (Liger's kernels need CUDA)")
+            args.variants = [v for v in args.variants if v != "zero2_liger"]
     return args
 
 
@@ -145,16 +155,17 @@ def run_variant(name, optimizer, args, batch, texts, peak):
     from srdrl.timing import SectionTimer
 
     cuda = torch.cuda.is_available()
-    stage = 3 if name == "zero3" else 2
+    stage = 3 if name.startswith("zero3") else 2
     ds = {"train_micro_batch_size_per_gpu": args.scenes, "gradient_accumulation_steps": 1,
           "train_batch_size": args.scenes, "gradient_clipping": 1.0, "bf16": {"enabled": cuda},
-          "zero_optimization": {"stage": stage},
+          "zero_optimization": {"stage": stage,
+                                **(ZERO3_PREFETCH if name == "zero3_prefetch" else {})},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95],
                                                     "eps": 1e-8, "weight_decay": 0.01,
                                                     "torch_adam": True}},
           "steps_per_print": 10**9}
     objective = ObjectiveConfig(num_trajectory_samples=args.samples, flow_steps=args.flow_steps,
-                                use_cuda_graph=(name == "zero2_graph"))
+                                use_cuda_graph=name in ("zero2_graph", "zero2_liger"))
     backend = "reference" if name == "original" else ("triton" if cuda else "kornia")
     rewards = RewardConfig(scoring_backend=backend)
     torch.manual_seed(0)
@@ -162,6 +173,9 @@ def run_variant(name, optimizer, args, batch, texts, peak):
     module = SRDRLModule(VLAPolicy(config, build_tokenizer(config, texts)), objective, rewards,
                          zero_stage=stage,
                          sampler=one_at_a_time if name == "original" else sample_trajectories)
+    if name == "zero2_liger":
+        from srdrl.policy.fused_kernels import apply_liger_kernels
+        apply_liger_kernels(module.policy.cuda())
     engine, _ = initialize_engine(module, ds, optimizer)
     # As in training, the DataLoader's workers build the VLM inputs ahead of the step.
     batch = {**batch, VLM_INPUTS_KEY: module.policy.input_builder(batch)}
@@ -206,7 +220,11 @@ def ratios(results: dict) -> dict:
 
     first = next(iter(results)).split("/")[1]
     for base, other, label in [("original", "zero2_graph", "zero2_graph_vs_original"),
-                               ("zero2_eager", "zero2_graph", "graph_vs_eager_step")]:
+                               ("zero2_eager", "zero2_graph", "graph_vs_eager_step"),
+                               ("zero2_graph", "zero2_liger", "liger_vs_unfused_step"),
+                               ("zero3", "zero2_graph", "zero3_over_zero2_step"),
+                               ("zero3_prefetch", "zero2_graph", "zero3_prefetch_over_zero2_step"),
+                               ("zero3", "zero3_prefetch", "zero3_prefetch_vs_zero3_step")]:
         a, b = step(f"{base}/{first}"), step(f"{other}/{first}")
         if a and b:
             out[label] = a / b

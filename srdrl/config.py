@@ -239,6 +239,9 @@ class TrainConfig:
     """Seed of the model's initialisation, the data order and every rank's noise."""
     logging_steps: int = 10
     """Optimiser steps between metrics lines."""
+    liger_kernels: bool = False
+    """Run the VLM's and the expert's RMSNorm, SwiGLU and the VLM's rotary embedding on
+    Liger-Kernel's fused Triton kernels (srdrl/policy/fused_kernels.py); CUDA only."""
     gradient_checkpointing: bool = False
     """Checkpoint the VLM's decoder layers (recompute activations in the backward pass); the
     prefix keys/values the expert reads are recomputed from each layer's input."""

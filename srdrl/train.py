@@ -75,6 +75,7 @@ from srdrl.errors import UserError, run_command
 from srdrl.metrics_log import MetricsLog
 from srdrl.optimizer import DEFAULT_OPTIMIZER
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
+from srdrl.policy.fused_kernels import apply_liger_kernels, check_liger_device
 from srdrl.policy.kv_recompute import set_vlm_gradient_checkpointing
 from srdrl.policy.lora import (
     LoraSettings,
@@ -209,6 +210,8 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     prepare_output_dir(out, resume=resuming, overwrite=cfg.overwrite_output_dir, rank=rank)
     ds_config = resolve_deepspeed_config(cfg, world)
     zero_stage = zero_stage_of(ds_config)
+    if cfg.liger_kernels:
+        check_liger_device(device)
     lora = lora or LoraSettings()
     full_config = {"train": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective),
                    "rewards": dataclasses.asdict(rewards), "lora": dataclasses.asdict(lora),
@@ -238,6 +241,10 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     counts = apply_lora(policy, lora)  # None without --use_peft
     if rank == 0 and counts is not None:
         print(f"LoRA: {counts}")
+    if cfg.liger_kernels:
+        fused = apply_liger_kernels(policy.to(device))
+        if rank == 0:
+            print(f"Liger kernels: {fused}")
     if cfg.gradient_checkpointing:
         set_vlm_gradient_checkpointing(policy)
     module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage)

@@ -204,3 +204,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data):
     resumed = _run(out, data, "--max_steps", str(saved + 1), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["step"] for r in _rows(out)] == list(range(1, saved + 2))
+
+
+def test_liger_kernels_without_cuda_is_a_one_line_error_before_any_work(tmp_path, data):
+    run = _run(tmp_path / "out", data, "--liger_kernels", "--max_steps", "1", timeout=300)
+    _one_line_error(run, "--liger_kernels needs a CUDA device", "cpu")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
