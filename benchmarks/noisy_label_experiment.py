@@ -14,11 +14,16 @@
    confidence intervals of crossing-rate ratios against ``supervised`` over the same scenes.
 
     python benchmarks/noisy_label_experiment.py --out runs/exp --scale smoke --device cpu
+    python benchmarks/noisy_label_experiment.py --out runs/exp --scale session --device cuda \
+        --jobs 12
     python benchmarks/noisy_label_experiment.py --out runs/exp --scale full --device cuda \
         --jobs 12
 
-Finished steps are skipped on a rerun (a policy/ or report already there), so a run cut
-short by a time limit continues where it stopped. Writes OUT/results.json and OUT/table.md.
+Finished steps are skipped on a rerun (a policy's weights or a report already there; a
+fine-tuning chain whose last test evaluation is there is skipped whole, so its policy need
+not be kept), so a run cut short by a time limit continues where it stopped. Writes
+OUT/results.json and OUT/table.md. Scales: ``smoke`` (checks the pipeline), ``session``
+(one GPU, about twenty minutes: arms fixed in advance, no validation stage), ``full``.
 """
 
 from __future__ import annotations
@@ -133,6 +138,8 @@ class Runner:
     def chains(self, chains: list[list[tuple]]) -> None:
         """Each chain's tasks one after another; ``jobs`` chains at a time."""
         def run(slot, chain):
+            if chain[-1][2].exists():  # finished earlier: its policy may not be here at all
+                return
             for task in chain:
                 self.one(slot, *task)
         with ThreadPoolExecutor(max(1, self.args.jobs)) as pool:
@@ -171,7 +178,8 @@ def train_task(out: Path, name: str, data: Path, policy: str, steps: int, seed: 
             "--eval_samples", "0",
             "--dataloader_workers", "1", "--save_total_limit", "1", "--overwrite_output_dir",
             *flags]
-    return ("srdrl.train", argv, run / "policy" / "config.json", out / "logs" / f"{name}.log")
+    return ("srdrl.train", argv, run / "policy" / "model.safetensors",
+            out / "logs" / f"{name}.log")
 
 
 def eval_task(out: Path, name: str, split: Path, tag: str, seed: int, s: dict) -> tuple:

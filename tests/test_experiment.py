@@ -91,3 +91,11 @@ def test_fixed_arms_scale_chains_training_and_test(tmp_path, monkeypatch):
     second = tmp_path / "runs" / "supervised_noise0_seed0" / "eval_test_seed1"
     modes = json.loads((second / "eval_report.json").read_text())["evaluation"]["modes"]
     assert set(modes) == {"generated"}
+    # a rerun, as in a second device call that carried reports but no fine-tuned weights,
+    # skips every finished chain instead of training or evaluating again
+    for weights in tmp_path.glob("runs/*_noise*/policy/model.safetensors"):
+        weights.unlink()
+    logs = {f: f.stat().st_mtime_ns for f in (tmp_path / "logs").iterdir()}
+    assert exp.main(["--out", str(tmp_path), "--scale", "session", "--device", "cpu",
+                     "--jobs", "2"]) == 0
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "logs").iterdir()} == logs
