@@ -46,15 +46,16 @@ SCALES = {
                   test=10, width=128, height=96, base_steps=3, base_batch=2, steps=2,
                   batch=2, eval_samples=2, variants=["v1"], ablations=None, resamples=200,
                   min_test_in_path=0),
-    # what one GPU does in one 10-minute call: the tiny preset's own image size, arms fixed
-    # in advance (no variant to choose, so no validation stage, no ablation), supervised
-    # at noise 0 as the clean reference
+    # what one GPU does in two 10-minute calls (--arms splits them): the tiny preset's own
+    # image size, arms fixed in advance (no variant to choose, so no validation stage), two
+    # ablations, supervised at noise 0 as the clean reference
     "session": dict(noise=[0.0, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1], source=2000,
                     target=1000, val=200, test=600, width=320, height=192, base_steps=800,
                     base_batch=16, base_lr=2e-3, steps=250, batch=16, lr=1e-3,
                     eval_samples=4, variants=["v1"], resamples=4000, min_test_in_path=300,
                     arm_levels={"supervised": [0.0, 0.3], "srdrl_seed": [0.3],
-                                "srdrl_best": [0.3]}),
+                                "srdrl_best": [0.3], "without_relative_gate": [0.3],
+                                "without_generated_reasoning": [0.3]}),
     "full": dict(noise=[0.0, 0.1, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1, 2],
                  source=2000, target=1000, val=200, test=600, width=640, height=384,
                  base_steps=6000, base_batch=4, steps=1000, batch=4, eval_samples=4,
@@ -101,6 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time")
     p.add_argument("--gpus", type=int, default=1, help="with cuda: jobs go round these GPUs")
+    p.add_argument("--arms", nargs="+", default=None,
+                   help="scales with arms fixed in advance (session): run and tabulate only "
+                        "these arms now")
     p.add_argument("--stage", choices=["base", "val", "all"], default="all",
                    help="'base': stop after the base policies; 'val': stop after the "
                         "validation choice (no test evaluation)")
@@ -308,8 +312,16 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
     """A scale whose arms are fixed before any run (``arm_levels``; srdrl_best is the one
     variant): nothing to choose, so no validation stage. Each fine-tuning is chained with
     its test evaluations, so a short run's core goes on to evaluate at once."""
-    flags = {**FIXED_ARMS, "srdrl_best": best_flags(s["variants"][0])}
+    pick = s["variants"][0]
+    flags = {**FIXED_ARMS, "srdrl_best": best_flags(pick),
+             **{f"without_{p}": best_flags(pick, without=p) for p in PARTS}}
     levels, test = s["arm_levels"], out / "data/test/val.jsonl"
+    if args.arms:  # a subset now (e.g. one device call's share); the rest on a later call
+        unknown = sorted(set(args.arms) - set(levels))
+        if unknown:
+            raise SystemExit(f"--arms {' '.join(unknown)}: not arms of the {args.scale} scale "
+                             f"({', '.join(levels)})")
+        levels = {a: n for a, n in levels.items() if a in args.arms}
     chains = []
     for arm, noises in levels.items():
         for noise in noises:
@@ -323,7 +335,8 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
     chains.sort(key=lambda c: "--rollout_reasoning" not in c[0][1])  # the slowest first
     runner.chains(chains)
     return report(out, s, levels, {"scale": args.scale, "settings": s, "data": data,
-                                   "choice": {"chosen": s["variants"][0]}, "arms": flags})
+                                   "choice": {"chosen": pick},
+                                   "arms": {a: flags[a] for a in levels}})
 
 
 def report(out: Path, s: dict, levels: dict, meta: dict) -> int:

@@ -79,8 +79,14 @@ def test_fixed_arms_scale_chains_training_and_test(tmp_path, monkeypatch):
                  height=96, base_steps=2, base_batch=2, steps=2, batch=2, eval_samples=2,
                  resamples=100, min_test_in_path=0, base_seeds=[0])
     monkeypatch.setitem(exp.SCALES, "session", small)
-    assert exp.main(["--out", str(tmp_path), "--scale", "session", "--device", "cpu",
-                     "--jobs", "2"]) == 0
+    argv = ["--out", str(tmp_path), "--scale", "session", "--device", "cpu", "--jobs", "2"]
+    with pytest.raises(SystemExit, match="srdrl_worst"):
+        exp.main([*argv, "--arms", "supervised", "srdrl_worst"])
+    assert exp.main([*argv, "--arms", "supervised"]) == 0  # one call's share
+    meta = json.loads((tmp_path / "results.json").read_text())
+    assert {r["arm"] for r in meta["test"]} == {"supervised"}
+    assert not (tmp_path / "runs" / "srdrl_best_noise0.3_seed0").exists()
+    assert exp.main(argv) == 0  # the rest
     meta = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["arm"], r["noise"]): r for r in meta["test"]}
     assert set(rows) == {(a, n) for a, ns in small["arm_levels"].items() for n in ns}
@@ -96,6 +102,5 @@ def test_fixed_arms_scale_chains_training_and_test(tmp_path, monkeypatch):
     for weights in tmp_path.glob("runs/*_noise*/policy/model.safetensors"):
         weights.unlink()
     logs = {f: f.stat().st_mtime_ns for f in (tmp_path / "logs").iterdir()}
-    assert exp.main(["--out", str(tmp_path), "--scale", "session", "--device", "cpu",
-                     "--jobs", "2"]) == 0
+    assert exp.main(argv) == 0
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "logs").iterdir()} == logs
