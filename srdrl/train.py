@@ -205,13 +205,13 @@ def check_same_optimizer(loaded: dict, optimizer: str) -> None:
 def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
           lora: LoraSettings | None = None) -> dict:
     rank, world, device = init_distributed()
+    if cfg.liger_kernels:
+        check_liger_device(device)
     out = Path(cfg.output_dir)
     resuming = cfg.resume  # --resume_from_checkpoint PATH implies it
     prepare_output_dir(out, resume=resuming, overwrite=cfg.overwrite_output_dir, rank=rank)
     ds_config = resolve_deepspeed_config(cfg, world)
     zero_stage = zero_stage_of(ds_config)
-    if cfg.liger_kernels:
-        check_liger_device(device)
     lora = lora or LoraSettings()
     full_config = {"train": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective),
                    "rewards": dataclasses.asdict(rewards), "lora": dataclasses.asdict(lora),
