@@ -177,6 +177,19 @@ def init_distributed() -> tuple[int, int, torch.device]:
 # --------------------------------------------------------------------------- the module
 
 
+def gather_expert_whole(policy: VLAPolicy) -> None:
+    """At ZeRO-3, let DeepSpeed gather the action expert's parameters as one unit at each
+    expert call (a ZeRO-3 "leaf module"), not submodule by submodule: sampling calls the
+    expert once per Euler step, and each per-submodule gather runs ZeRO-3's hooks. Call
+    before ``deepspeed.initialize``. The whole expert's parameters are then live at once
+    while it runs. DeepSpeed 0.19 allows one differentiated call of a leaf module per
+    forward pass (its gradient bucket asserts otherwise), which srdrl_loss keeps: the
+    label's and the AWR's flow matching share one expert call."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(policy, [type(policy.expert)])
+
+
 class SRDRLModule(nn.Module):
     """What DeepSpeed wraps: the policy and the consistency heads; forward is the loss.
 
@@ -185,21 +198,25 @@ class SRDRLModule(nn.Module):
     """
 
     def __init__(self, policy: VLAPolicy, objective: ObjectiveConfig, rewards: RewardConfig,
-                 *, zero_stage: int = 0, sampler=sample_trajectories, scorer=score_candidates):
+                 *, zero_stage: int = 0, sampler=sample_trajectories, scorer=score_candidates,
+                 zero3_gather_expert_whole: bool = True):
         super().__init__()
         self.policy = policy
         self.heads = ConsistencyHeads.for_policy(policy)
         self.objective, self.rewards = objective, rewards
         self.zero_stage = zero_stage
         self.sampler, self.scorer = sampler, scorer
+        if zero_stage == 3 and zero3_gather_expert_whole:
+            gather_expert_whole(policy)
 
     @torch.no_grad()
     def sample_candidates(self, batch: dict, generator, prefix) -> tuple:
         """Actions (B, N, 64, 2) and trajectories (B, N, 64, 3) of N policy samples per
         scene from this step's ``prefix``. At ZeRO-3 the loop runs eagerly and ZeRO-3's
-        own module hooks gather each partitioned parameter as the expert uses it (an
-        explicit ``GatheredParameters`` cannot be released inside the engine's forward
-        pass while the module is still active)."""
+        own module hooks gather the partitioned parameters as the expert runs (the whole
+        expert at once with ``zero3_gather_expert_whole``; an explicit
+        ``GatheredParameters`` cannot be released inside the engine's forward pass while
+        the module is still active)."""
         o = self.objective
         was_training = self.policy.training
         self.policy.eval()  # no adapter dropout while sampling (nor inside a captured graph)

@@ -209,10 +209,15 @@ def srdrl_loss(
     with timer.section("supervised"), torch.no_grad():
         label_actions = policy.action_space.traj_to_action(label, history)  # (B, T, 2)
 
-    # Supervised terms first, so that their random draws are the same whatever the RL term.
+    # Supervised draws first, so that they are the same whatever the RL term. With the RL
+    # term, the label's flow-matching loss runs in the AWR's expert call (one expert
+    # forward and backward per step, not two).
     with timer.section("supervised"):
-        traj_per_scene = policy.flow_matching_loss(prefix, label_actions, generator=generator,
-                                                   reduction="none")  # (B,)
+        label_draws = policy.flow_draws(label_actions, generator)
+        traj_per_scene = None
+        if cfg.rl_loss_weight <= 0:
+            traj_per_scene = policy.flow_matching_loss(prefix, label_actions, reduction="none",
+                                                       draws=label_draws)  # (B,)
         consistency = label.new_zeros(())
         use_consistency = cfg.consistency_loss_weight > 0 and heads is not None
         if use_consistency:
@@ -249,11 +254,12 @@ def srdrl_loss(
                 best = terms.reward.argmax(dim=1)  # (B,)
                 rows = torch.arange(best.shape[0], device=device)
                 weights = weights[rows, best]  # (B,)
-                awr = policy.flow_matching_loss(prefix, cand_actions[rows, best],
-                                                weights=weights, generator=generator)
+                targets = cand_actions[rows, best][:, None]  # (B, 1, T, 2)
             else:
-                awr = policy.flow_matching_loss(prefix, cand_actions, weights=weights,
-                                                generator=generator)
+                targets = cand_actions  # (B, C, T, 2)
+            traj_per_scene, awr = label_and_awr_losses(policy, prefix, label_actions,
+                                                       label_draws, targets, weights,
+                                                       generator)
         gt_weight, beaten = terms.gt_weight, label_beaten(terms.reward)
         metrics.update(_reward_metrics(terms, adv, weights, beaten, batch))
     elif cfg.gate_supervised_loss:  # the gate needs the label's own safety and danger
@@ -274,6 +280,21 @@ def srdrl_loss(
                    consistency_loss=consistency, awr_loss=awr)
     values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
     return total, dict(zip(metrics, values, strict=True))  # one host sync for all metrics
+
+
+def label_and_awr_losses(policy: VLAPolicy, prefix, label_actions: torch.Tensor,
+                         label_draws: tuple, targets: torch.Tensor, weights: torch.Tensor,
+                         generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label's per-scene flow-matching loss (B,) and the AWR loss (the mean over
+    targets (B, K, 64, 2) of weight (B,) or (B, K) x loss) from one expert call over each
+    scene's label and its K targets. The targets' draws follow the label's (drawn before
+    sampling), so every number equals that of two separate calls."""
+    draws = policy.flow_draws(targets, generator)
+    both = (torch.cat([label_actions[:, None], targets], dim=1),
+            tuple(torch.cat([a, b], dim=1) for a, b in zip(label_draws, draws, strict=True)))
+    per = policy.flow_matching_loss(prefix, both[0], reduction="none", draws=both[1])  # (B, 1+K)
+    awr_weights = weights[:, None] if weights.dim() == 1 else weights
+    return per[:, 0], (per[:, 1:] * awr_weights.to(per)).mean()
 
 
 def _reward_metrics(terms: RewardTerms, adv: torch.Tensor, weights: torch.Tensor,

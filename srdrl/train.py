@@ -247,14 +247,15 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
             print(f"Liger kernels: {fused}")
     if cfg.gradient_checkpointing:
         set_vlm_gradient_checkpointing(policy)
-    module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage)
+    module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage,
+                         zero3_gather_expert_whole=cfg.zero3_gather_expert_whole)
     engine, scheduler = initialize_engine(module, ds_config, cfg.optimizer,
                                           warmup_cosine(cfg.warmup_steps, plan.total_steps))
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     if rank == 0 and zero_stage == 3 and objective.rl_loss_weight > 0:
         print("ZeRO-3: parameters are partitioned, so sampling runs eagerly inside the forward "
-              "pass, ZeRO-3 gathering the expert's parameters as it uses them (no CUDA graph)")
+              "pass, ZeRO-3 gathering the expert's parameters as it runs (no CUDA graph)")
     elif rank == 0 and device.type == "cuda" and objective.use_cuda_graph:
         print(f"ZeRO-{zero_stage}: sampling replays a CUDA graph captured after "
               "deepspeed.initialize")

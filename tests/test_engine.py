@@ -2,8 +2,8 @@
 
 The VLM encodes the prefix once per step at every ZeRO stage: sampling happens inside the
 forward pass from the step's own (detached) prefix, at ZeRO-3 too (ZeRO-3's hooks gather
-the expert's parameters as the Euler loop uses them). The expert runs once for the
-supervised term, once per Euler step while sampling and once for the AWR term.
+the expert's parameters as the Euler loop uses them). The expert runs once per Euler step
+while sampling and once for the supervised and AWR terms together.
 """
 
 import sys
@@ -60,4 +60,48 @@ def test_one_prefix_encode_per_step(group, stage, rl_loss_weight):
     for step in range(2):
         train_step(engine, batch, SceneNoise([2 * step, 2 * step + 1]))
     sampled = rl_loss_weight > 0
-    assert counts == {"vlm": 2, "expert": 2 * (1 + (FLOW_STEPS + 1) * sampled)}
+    assert counts == {"vlm": 2, "expert": 2 * (1 + FLOW_STEPS * sampled)}
+
+
+@pytest.mark.slow
+def test_zero3_gathers_the_expert_whole_with_the_same_losses(group, monkeypatch):
+    """zero3_gather_expert_whole: one ZeRO-3 fetch per expert call instead of one per
+    submodule, and the same losses as gathering submodule by submodule."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import (
+        PartitionedParameterCoordinator,
+    )
+
+    fetches = {"n": 0}
+    fetch = PartitionedParameterCoordinator.fetch_sub_module
+
+    def counted(self, module, forward):
+        fetches["n"] += 1
+        return fetch(self, module, forward)
+
+    monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counted)
+    runs = {}
+    for whole in (False, True):
+        torch.manual_seed(0)
+        config = PolicyConfig.tiny()
+        policy = VLAPolicy(config, build_tokenizer(config, REASONING))
+        objective = ObjectiveConfig(num_trajectory_samples=2, flow_steps=FLOW_STEPS,
+                                    use_cuda_graph=False)
+        module = SRDRLModule(policy, objective, RewardConfig(scoring_backend="kornia"),
+                             zero_stage=3, zero3_gather_expert_whole=whole)
+        ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "train_batch_size": 2, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+              "steps_per_print": 10**9}
+        engine, _ = initialize_engine(module, ds)
+        batch = make_batch(2, height=96, width=128)
+        fetches["n"] = 0
+        losses = [train_step(engine, batch, SceneNoise([2 * s, 2 * s + 1]))[0].item()
+                  for s in range(2)]
+        runs[whole] = (losses, fetches["n"])
+        hooked = bool(policy.expert.layers[0]._forward_pre_hooks)
+        assert hooked != whole  # whole: the expert's submodules carry no hooks of their own
+    (per_module, n_per_module), (whole, n_whole) = runs[False], runs[True]
+    assert whole == per_module
+    expert_submodules = sum(1 for _ in policy.expert.modules()) - 1
+    calls = 2 * (FLOW_STEPS + 1)  # expert calls in the two steps' forward passes
+    assert n_per_module - n_whole >= calls * expert_submodules

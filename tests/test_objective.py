@@ -14,6 +14,7 @@ from srdrl.objective import (
     awr_weights,
     consistency_loss,
     info_nce,
+    label_and_awr_losses,
     srdrl_loss,
     trajectory_features,
 )
@@ -87,6 +88,28 @@ def test_rl_weight_zero_is_the_supervised_loss_to_the_bit(batch, policy_and_head
     supervised = prefix.language_loss + 0.7 * traj + 0.2 * cons
     assert total.item() == supervised.item()  # bit for bit
     assert metrics["awr_loss"] == 0.0 and "reward_mean" not in metrics
+
+
+@pytest.mark.parametrize("per_scene", [1, 3])  # awr_mode best: 1 target; all: 1 + N
+def test_one_expert_call_equals_the_label_and_awr_calls_apart(batch, policy_and_heads,
+                                                              per_scene):
+    policy, _ = policy_and_heads
+    prefix = policy.encode_prefix(batch)
+    label = batch["trajectory"].float()
+    actions = policy.action_space.traj_to_action(label, batch["ego_history_xyz"].float())
+    targets = actions[:, None] + 0.3 * torch.randn(3, per_scene, 64, 2)
+    weights = torch.rand(3, per_scene) * 5
+    g = torch.Generator().manual_seed(11)
+    label_draws = policy.flow_draws(actions, g)
+    traj, awr = label_and_awr_losses(policy, prefix, actions, label_draws, targets, weights, g)
+    g = torch.Generator().manual_seed(11)  # apart, drawing in the same order
+    apart_traj = policy.flow_matching_loss(prefix, actions, generator=g, reduction="none")
+    apart_awr = policy.flow_matching_loss(prefix, targets, weights, generator=g)
+    torch.testing.assert_close(traj, apart_traj, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(awr, apart_awr, rtol=1e-5, atol=1e-6)
+    assert apart_awr > 0 and (apart_traj > 0).all()
+    (traj.sum() + awr).backward()  # one graph: both reach the expert
+    assert policy.expert.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
 def test_gradients_reach_the_expert_through_awr_not_through_sampling(batch, policy_and_heads):

@@ -279,6 +279,17 @@ class VLAPolicy(nn.Module):
         hidden = self.expert(self.action_in_proj(x_t, t), context)  # (M, 64, hidden)
         return self.action_out_proj(hidden)
 
+    def flow_draws(self, target_actions: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The start noise x0 (B, K, 64, 2) and flow times t (B, K) that
+        ``flow_matching_loss`` draws for targets (B, 64, 2) or (B, K, 64, 2), in its order
+        (x0, then t), so they can be drawn early and passed back in (``draws``)."""
+        x1 = target_actions.unsqueeze(1) if target_actions.dim() == 3 else target_actions
+        x0 = draw(torch.randn, x1.flatten(0, 1).shape, generator, x1.device)  # (M, T, 2)
+        t = flow_times(draw(torch.rand, x0.shape[:1], generator, x1.device),
+                       self.config.flow_time_distribution)  # (M,)
+        return x0.view(x1.shape), t.view(x1.shape[:2])
+
     def flow_matching_loss(
         self,
         prefix: Prefix,
@@ -286,14 +297,16 @@ class VLAPolicy(nn.Module):
         weights: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         reduction: str = "mean",
+        draws: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Flow-matching MSE toward normalised actions (B, 64, 2) or (B, K, 64, 2) (K
-        targets per scene, each with its own noise and t).
+        targets per scene, each with its own noise and t), in one expert call.
 
         Per sample: mean over (64, 2) of (v(x_t, t) - (x1 - x0))^2. ``weights`` (B,) or
         (B, K) multiply the per-sample losses and are not renormalised (AWR's exp(A / beta)
         keeps its scale; pass normalised weights for a convex combination). ``reduction``
-        "mean" averages over all samples, "none" returns them (B,) or (B, K).
+        "mean" averages over all samples, "none" returns them (B,) or (B, K). ``draws``:
+        x0 (B, K, 64, 2) and t (B, K) from ``flow_draws`` instead of drawing them here.
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -303,10 +316,8 @@ class VLAPolicy(nn.Module):
         if batch != prefix.num_scenes or x1.shape[2:] != (self.config.num_waypoints, 2):
             raise ValueError(f"target_actions {tuple(target_actions.shape)} do not match "
                              f"{prefix.num_scenes} scenes x (..., 64, 2)")
-        x1 = x1.flatten(0, 1).float()  # (M, T, 2)
-        x0 = draw(torch.randn, x1.shape, generator, x1.device)  # (M, T, 2)
-        t = flow_times(draw(torch.rand, x1.shape[:1], generator, x1.device),
-                       self.config.flow_time_distribution)  # (M,)
+        x0, t = draws if draws is not None else self.flow_draws(x1, generator)
+        x1, x0, t = x1.flatten(0, 1).float(), x0.flatten(0, 1), t.flatten()  # (M, ...)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
         context = self.expert_context(prefix, candidates=per_scene)
         v = self.velocity(x_t, t, context).float()
