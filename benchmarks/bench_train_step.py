@@ -7,9 +7,9 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
   zero2_eager   ZeRO-2, eager sampler, Triton scoring
   zero2_liger   zero2_graph with --liger_kernels (Liger's RMSNorm, rotary and SwiGLU kernels)
   zero3         ZeRO-3, sampling inside the forward pass, eager (ZeRO-3's hooks gather the
-                expert's parameters as one unit at each expert call, the default)
-  zero3_per_module  zero3 gathering the expert submodule by submodule
-                (--no_zero3_gather_expert_whole)
+                expert's parameters submodule by submodule as it runs)
+  zero3_whole   zero3 gathering the expert as one unit per call
+                (--zero3_gather_expert_whole)
   zero3_prefetch  zero3 with ZeRO-3's prefetch and reuse knobs opened up
                 (ZERO3_PREFETCH: a 5e8-element prefetch bucket, gathered parameters kept
                 live and reused up to 1e10 elements apart, so the Euler loop's ten passes
@@ -77,7 +77,7 @@ from common import (  # noqa: E402
 
 from srdrl.config import OPTIMIZERS  # noqa: E402
 
-VARIANTS = ("zero2_graph", "zero2_eager", "zero2_liger", "zero3", "zero3_per_module",
+VARIANTS = ("zero2_graph", "zero2_eager", "zero2_liger", "zero3", "zero3_whole",
             "zero3_prefetch", "original")
 ZERO3_PREFETCH = {"stage3_prefetch_bucket_size": 5 * 10**8,
                   "stage3_max_live_parameters": 10**10, "stage3_max_reuse_distance": 10**10}
@@ -176,7 +176,7 @@ def run_variant(name, optimizer, args, batch, texts, peak):
     module = SRDRLModule(VLAPolicy(config, build_tokenizer(config, texts)), objective, rewards,
                          zero_stage=stage,
                          sampler=one_at_a_time if name == "original" else sample_trajectories,
-                         zero3_gather_expert_whole=name != "zero3_per_module")
+                         zero3_gather_expert_whole=name == "zero3_whole")
     if name == "zero2_liger":
         from srdrl.policy.fused_kernels import apply_liger_kernels
         apply_liger_kernels(module.policy.cuda())
@@ -229,7 +229,7 @@ def ratios(results: dict) -> dict:
                                ("zero3", "zero2_graph", "zero3_over_zero2_step"),
                                ("zero3_prefetch", "zero2_graph", "zero3_prefetch_over_zero2_step"),
                                ("zero3", "zero3_prefetch", "zero3_prefetch_vs_zero3_step"),
-                               ("zero3_per_module", "zero3", "zero3_whole_vs_per_module_step")]:
+                               ("zero3", "zero3_whole", "zero3_whole_vs_per_module_step")]:
         a, b = step(f"{base}/{first}"), step(f"{other}/{first}")
         if a and b:
             out[label] = a / b
