@@ -43,8 +43,8 @@ from experiment_stats import paired_bootstrap_ratio, training_summary  # noqa: E
 
 SCALES = {
     "smoke": dict(noise=[0.3], base_seeds=[0], eval_seeds=[0], source=16, target=16, val=6,
-                  test=10, width=128, height=96, base_steps=3, base_batch=2, steps=2,
-                  batch=2, eval_samples=2, variants=["v1"], ablations=None, resamples=200,
+                  test=10, width=128, height=96, base_steps=3, base_batch=2, base_lr=1e-3,
+                  steps=2, batch=2, lr=3e-4, eval_samples=2, variants=["v1"], resamples=200,
                   min_test_in_path=0),
     # what one GPU does in two 10-minute calls (--arms splits them): the tiny preset's own
     # image size, arms fixed in advance (no variant to choose, so no validation stage), two
@@ -58,18 +58,11 @@ SCALES = {
                                 "without_generated_reasoning": [0.3]}),
     "full": dict(noise=[0.0, 0.1, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1, 2],
                  source=2000, target=1000, val=200, test=600, width=640, height=384,
-                 base_steps=6000, base_batch=4, steps=1000, batch=4, eval_samples=4,
-                 variants=["v1", "v2"], ablations=None, resamples=4000, min_test_in_path=300),
+                 base_steps=6000, base_batch=4, base_lr=1e-3, steps=1000, batch=4, lr=3e-4,
+                 eval_samples=4, variants=["v1", "v2"], resamples=4000, min_test_in_path=300),
 }
 DATA_SEEDS = {"source": 101, "target": 202, "test": 303}
 ABLATION_NOISE = 0.3
-def base_flags(s: dict) -> list[str]:
-    return ["--rl_loss_weight", "0", "--learning_rate", str(s.get("base_lr", 1e-3))]
-
-
-def finetune_flags(s: dict) -> list[str]:
-    return ["--learning_rate", str(s.get("lr", 3e-4))]
-
 FIXED_ARMS = {"supervised": ["--rl_loss_weight", "0"], "srdrl_seed": []}
 # the parts of the method: (flags that turn the part on, flags of the run without it)
 PARTS = {
@@ -186,6 +179,15 @@ def train_task(out: Path, name: str, data: Path, policy: str, steps: int, seed: 
             out / "logs" / f"{name}.log")
 
 
+def finetune_task(out: Path, s: dict, arm: str, noise: float, base_seed: int,
+                  flags: list[str]) -> tuple:
+    """Fine-tune base ``base_seed`` on the target set at ``noise`` with an arm's flags."""
+    return train_task(out, run_name(arm, noise, base_seed),
+                      out / "data" / f"target{noise:g}" / "train.jsonl",
+                      str(out / "runs" / f"base_seed{base_seed}" / "policy"), s["steps"],
+                      1000 + base_seed, ["--learning_rate", str(s["lr"]), *flags], s)
+
+
 def eval_task(out: Path, name: str, split: Path, tag: str, seed: int, s: dict) -> tuple:
     dest = out / "runs" / name / f"eval_{tag}_seed{seed}"
     # the oracle-reasoning diagnostic on the first evaluation seed only
@@ -210,11 +212,9 @@ def finetune(runner: Runner, out: Path, s: dict, arms: dict[str, list[str]],
         for noise in levels[arm]:
             target = out / "data" / f"target{noise:g}"
             for b in s["base_seeds"]:
-                name = run_name(arm, noise, b)
-                base = str(out / "runs" / f"base_seed{b}" / "policy")
-                train.append(train_task(out, name, target / "train.jsonl", base, s["steps"],
-                                        1000 + b, [*finetune_flags(s), *flags], s))
-                evals.append(eval_task(out, name, target / "val.jsonl", "val", 0, s))
+                train.append(finetune_task(out, s, arm, noise, b, flags))
+                evals.append(eval_task(out, run_name(arm, noise, b), target / "val.jsonl",
+                                       "val", 0, s))
     runner.many(train)
     runner.many(evals)
 
@@ -326,12 +326,9 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
     for arm, noises in levels.items():
         for noise in noises:
             for b in s["base_seeds"]:
-                name = run_name(arm, noise, b)
-                chains.append([
-                    train_task(out, name, out / "data" / f"target{noise:g}" / "train.jsonl",
-                               str(out / "runs" / f"base_seed{b}" / "policy"), s["steps"],
-                               1000 + b, [*finetune_flags(s), *flags[arm]], s),
-                    *[eval_task(out, name, test, "test", e, s) for e in s["eval_seeds"]]])
+                chains.append([finetune_task(out, s, arm, noise, b, flags[arm]),
+                               *[eval_task(out, run_name(arm, noise, b), test, "test", e, s)
+                                 for e in s["eval_seeds"]]])
     chains.sort(key=lambda c: "--rollout_reasoning" not in c[0][1])  # the slowest first
     runner.chains(chains)
     return report(out, s, levels, {"scale": args.scale, "settings": s, "data": data,
@@ -355,7 +352,8 @@ def main(argv=None) -> int:
     runner = Runner(args)
     data = make_data(runner, out, s)
     runner.many([train_task(out, f"base_seed{b}", out / "data/source/train.jsonl", "tiny",
-                            s["base_steps"], b, base_flags(s), s, batch=s["base_batch"])
+                            s["base_steps"], b, ["--rl_loss_weight", "0", "--learning_rate",
+                                                 str(s["base_lr"])], s, batch=s["base_batch"])
                  for b in s["base_seeds"]])
     if args.stage == "base":
         return 0
@@ -371,9 +369,8 @@ def main(argv=None) -> int:
         alias = out / "runs" / run_name("srdrl_best", ABLATION_NOISE, b)
         if not alias.exists():
             alias.symlink_to(run_name(f"srdrl_best_{pick}", ABLATION_NOISE, b))
-    ablated = PARTS if s["ablations"] is None else s["ablations"]
     final = {"srdrl_best": best_flags(pick),
-             **{f"without_{p}": best_flags(pick, without=p) for p in ablated}}
+             **{f"without_{p}": best_flags(pick, without=p) for p in PARTS}}
     finetune(runner, out, s, final, {a: every if a == "srdrl_best" else worst for a in final})
     meta = {"scale": args.scale, "settings": s, "data": data, "choice": choice,
             "arms": {**FIXED_ARMS, **final}}

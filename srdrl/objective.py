@@ -289,10 +289,10 @@ def label_and_awr_losses(policy: VLAPolicy, prefix, label_actions: torch.Tensor,
     targets (B, K, 64, 2) of weight (B,) or (B, K) x loss) from one expert call over each
     scene's label and its K targets. The targets' draws follow the label's (drawn before
     sampling), so every number equals that of two separate calls."""
-    draws = policy.flow_draws(targets, generator)
-    both = (torch.cat([label_actions[:, None], targets], dim=1),
-            tuple(torch.cat([a, b], dim=1) for a, b in zip(label_draws, draws, strict=True)))
-    per = policy.flow_matching_loss(prefix, both[0], reduction="none", draws=both[1])  # (B, 1+K)
+    target_draws = policy.flow_draws(targets, generator)
+    actions = torch.cat([label_actions[:, None], targets], dim=1)  # (B, 1 + K, T, 2)
+    draws = tuple(torch.cat(pair, dim=1) for pair in zip(label_draws, target_draws, strict=True))
+    per = policy.flow_matching_loss(prefix, actions, reduction="none", draws=draws)  # (B, 1+K)
     awr_weights = weights[:, None] if weights.dim() == 1 else weights
     return per[:, 0], (per[:, 1:] * awr_weights.to(per)).mean()
 
