@@ -6,6 +6,8 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
   zero2_graph   ZeRO-2, sampler replayed from a CUDA graph, Triton scoring (the default)
   zero2_eager   ZeRO-2, eager sampler, Triton scoring
   zero2_liger   zero2_graph with --liger_kernels (Liger's RMSNorm, rotary and SwiGLU kernels)
+  zero2_liger_norms, zero2_liger_swiglu  zero2_graph with only Liger's RMSNorm and rotary,
+                or only its SwiGLU (which kernel costs or saves what)
   zero3         ZeRO-3, sampling inside the forward pass, eager (ZeRO-3's hooks gather the
                 expert's parameters submodule by submodule as it runs)
   zero3_whole   zero3 gathering the expert as one unit per call
@@ -14,6 +16,7 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
                 (ZERO3_PREFETCH: a 5e8-element prefetch bucket, gathered parameters kept
                 live and reused up to 1e10 elements apart, so the Euler loop's ten passes
                 over the expert need not gather it again)
+  zero3_whole_prefetch  zero3_whole with the prefetch knobs of zero3_prefetch
   original      the original pipeline's choices: one candidate at a time (each sample
                 re-encodes its scene and runs its own Euler loop at batch 1) and the
                 OpenCV reference loop for scoring, ZeRO-2
@@ -24,7 +27,8 @@ first only. Results are named ``variant/optimizer``.
 
 Per run: median step time (``common.time_steps``: CUDA events around forward + backward +
 optimiser step, after warm-up; the VLM inputs are built outside the step, as the
-DataLoader's workers do in training), scenes/s, peak device memory, and per phase
+DataLoader's workers do in training), scenes/s, peak device memory (above what earlier
+variants left allocated), and per phase
 
   prefix_encode   the VLM's teacher-forced pass (section vlm_forward)
   sampling        the N flow-matching candidates per scene (generation + sampling)
@@ -77,8 +81,13 @@ from common import (  # noqa: E402
 
 from srdrl.config import OPTIMIZERS  # noqa: E402
 
-VARIANTS = ("zero2_graph", "zero2_eager", "zero2_liger", "zero3", "zero3_whole",
-            "zero3_prefetch", "original")
+VARIANTS = ("zero2_graph", "zero2_eager", "zero2_liger", "zero2_liger_norms",
+            "zero2_liger_swiglu", "zero3", "zero3_whole", "zero3_prefetch",
+            "zero3_whole_prefetch", "original")
+LIGER_VARIANTS = {"zero2_liger": ("rms_norm", "rope", "swiglu"),
+                  "zero2_liger_norms": ("rms_norm", "rope"), "zero2_liger_swiglu": ("swiglu",)}
+ZERO3_WHOLE_VARIANTS = ("zero3_whole", "zero3_whole_prefetch")
+ZERO3_PREFETCH_VARIANTS = ("zero3_prefetch", "zero3_whole_prefetch")
 ZERO3_PREFETCH = {"stage3_prefetch_bucket_size": 5 * 10**8,
                   "stage3_max_live_parameters": 10**10, "stage3_max_reuse_distance": 10**10}
 PHASES = {"prefix_encode": ("vlm_forward",), "sampling": ("generation", "sampling"),
@@ -107,9 +116,9 @@ def parse_args(argv=None):
         args.preset, args.scenes, args.samples, args.flow_steps = "tiny", 2, 2, 2
         args.steps, args.original_steps, args.warmup = 2, 1, 1
         args.width, args.height = 128, 96
-        if "zero2_liger" in args.variants:  # Liger's kernels are CUDA-only
-            print("--smoke: zero2_liger left out (Liger's kernels need CUDA)")
-            args.variants = [v for v in args.variants if v != "zero2_liger"]
+        if set(LIGER_VARIANTS) & set(args.variants):  # Liger's kernels are CUDA-only
+            print("--smoke: the zero2_liger variants left out (Liger's kernels need CUDA)")
+            args.variants = [v for v in args.variants if v not in LIGER_VARIANTS]
     return args
 
 
@@ -158,17 +167,20 @@ def run_variant(name, optimizer, args, batch, texts, peak):
     from srdrl.timing import SectionTimer
 
     cuda = torch.cuda.is_available()
+    # What earlier variants in this process left allocated (DeepSpeed keeps references to
+    # its engines); subtracted so each variant's peak is its own.
+    resident = torch.cuda.memory_allocated() if cuda else 0
     stage = 3 if name.startswith("zero3") else 2
     ds = {"train_micro_batch_size_per_gpu": args.scenes, "gradient_accumulation_steps": 1,
           "train_batch_size": args.scenes, "gradient_clipping": 1.0, "bf16": {"enabled": cuda},
           "zero_optimization": {"stage": stage,
-                                **(ZERO3_PREFETCH if name == "zero3_prefetch" else {})},
+                                **(ZERO3_PREFETCH if name in ZERO3_PREFETCH_VARIANTS else {})},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95],
                                                     "eps": 1e-8, "weight_decay": 0.01,
                                                     "torch_adam": True}},
           "steps_per_print": 10**9}
     objective = ObjectiveConfig(num_trajectory_samples=args.samples, flow_steps=args.flow_steps,
-                                use_cuda_graph=name in ("zero2_graph", "zero2_liger"))
+                                use_cuda_graph=name == "zero2_graph" or name in LIGER_VARIANTS)
     backend = "reference" if name == "original" else ("triton" if cuda else "kornia")
     rewards = RewardConfig(scoring_backend=backend)
     torch.manual_seed(0)
@@ -176,10 +188,10 @@ def run_variant(name, optimizer, args, batch, texts, peak):
     module = SRDRLModule(VLAPolicy(config, build_tokenizer(config, texts)), objective, rewards,
                          zero_stage=stage,
                          sampler=one_at_a_time if name == "original" else sample_trajectories,
-                         zero3_gather_expert_whole=name == "zero3_whole")
-    if name == "zero2_liger":
+                         zero3_gather_expert_whole=name in ZERO3_WHOLE_VARIANTS)
+    if name in LIGER_VARIANTS:
         from srdrl.policy.fused_kernels import apply_liger_kernels
-        apply_liger_kernels(module.policy.cuda())
+        apply_liger_kernels(module.policy.cuda(), LIGER_VARIANTS[name])
     engine, _ = initialize_engine(module, ds, optimizer)
     # As in training, the DataLoader's workers build the VLM inputs ahead of the step.
     batch = {**batch, VLM_INPUTS_KEY: module.policy.input_builder(batch)}
@@ -194,7 +206,7 @@ def run_variant(name, optimizer, args, batch, texts, peak):
     timer.collect()  # drop the warm-up's sections
     timing, per_step = time_steps(one_step, timer,
                                   args.original_steps if name == "original" else args.steps)
-    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    peak_memory = (torch.cuda.max_memory_allocated() - resident) / 2**30 if cuda else None
     flops = count_step_flops(module, one_step)  # one more, untimed, eager step
     median = 1e3 * timing.median_s
     phases = phase_rows(per_step, flops, median, peak)
@@ -202,6 +214,7 @@ def run_variant(name, optimizer, args, batch, texts, peak):
               "timing": "cuda events" if cuda else "wall clock (smoke: not a result)",
               "phases": phases, "sections_ms_per_step": per_step,
               "scenes_per_s": args.scenes / timing.median_s, "peak_memory_gib": peak_memory,
+              "resident_before_variant_gib": resident / 2**30 if cuda else None,
               "sampling_plus_scoring_fraction":
                   (phases["sampling"]["ms_median"] + phases["scoring"]["ms_median"]) / median}
     engine = module = None  # free the GPU memory before the next variant
@@ -226,10 +239,15 @@ def ratios(results: dict) -> dict:
     for base, other, label in [("original", "zero2_graph", "zero2_graph_vs_original"),
                                ("zero2_eager", "zero2_graph", "graph_vs_eager_step"),
                                ("zero2_graph", "zero2_liger", "liger_vs_unfused_step"),
+                               ("zero2_graph", "zero2_liger_norms", "liger_norms_vs_unfused_step"),
+                               ("zero2_graph", "zero2_liger_swiglu",
+                                "liger_swiglu_vs_unfused_step"),
                                ("zero3", "zero2_graph", "zero3_over_zero2_step"),
                                ("zero3_prefetch", "zero2_graph", "zero3_prefetch_over_zero2_step"),
                                ("zero3", "zero3_prefetch", "zero3_prefetch_vs_zero3_step"),
-                               ("zero3", "zero3_whole", "zero3_whole_vs_per_module_step")]:
+                               ("zero3", "zero3_whole", "zero3_whole_vs_per_module_step"),
+                               ("zero3_whole_prefetch", "zero2_graph",
+                                "zero3_whole_prefetch_over_zero2_step")]:
         a, b = step(f"{base}/{first}"), step(f"{other}/{first}")
         if a and b:
             out[label] = a / b

@@ -251,7 +251,9 @@ def choose(out: Path, s: dict) -> tuple[str, dict]:
 
 def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
     """Per noise level and arm: test metrics (mean over base and evaluation seeds),
-    training diagnostics, and the paired bootstrap ratio of in-path crossing vs supervised."""
+    training diagnostics, and paired bootstrap ratios of in-path crossing: against
+    supervised at the same noise and on clean labels, and for each one-part-removed
+    ablation against ``srdrl_best`` (what the removed part contributed)."""
     results = {}
     for arm, levels in arms.items():
         for noise in levels:
@@ -281,6 +283,10 @@ def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
         if noise > 0 and clean is not None:  # the goal's "at most 1.2x clean supervised"
             row["ratio_vs_clean_supervised"] = paired_bootstrap_ratio(
                 row["_crossing"], clean["_crossing"], resamples=s["resamples"])
+        best = results.get(("srdrl_best", noise))
+        if arm.startswith("without_") and best is not None:
+            row["ratio_vs_srdrl_best"] = paired_bootstrap_ratio(
+                row["_crossing"], best["_crossing"], resamples=s["resamples"])
     for row in results.values():
         del row["_crossing"]
     return results
@@ -298,12 +304,13 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [f"scale {meta['scale']}; test: {meta['data']['test_in_path_scenes']} in-path of "
              f"{meta['data']['test_scenes']} scenes; chosen: {meta['choice']['chosen']}", "",
              "| noise | arm | " + " | ".join(cols) + " | in-path crossing / supervised "
-             "(95% CI) | / supervised at noise 0 (95% CI) |",
-             "|---|---|" + "---|" * (len(cols) + 2)]
+             "(95% CI) | / supervised at noise 0 (95% CI) | / srdrl_best (95% CI) |",
+             "|---|---|" + "---|" * (len(cols) + 3)]
     for (arm, noise), row in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         cells = ["-" if row[c] is None else f"{row[c]:.3f}" for c in cols]
         ratios = [_ratio_cell(row.get(k)) for k in ("ratio_vs_supervised",
-                                                    "ratio_vs_clean_supervised")]
+                                                    "ratio_vs_clean_supervised",
+                                                    "ratio_vs_srdrl_best")]
         lines.append(f"| {noise:g} | {arm} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines) + "\n"
 

@@ -53,6 +53,35 @@ def test_training_summary_reads_gate_precision_and_recall(tmp_path):
     assert s["gate_recall"] == pytest.approx(0.125 / 0.375)
 
 
+def test_table_gives_ablations_their_ratio_to_the_full_configuration(tmp_path):
+    """Known answer from written evaluation files: over 10 in-path scenes supervised
+    crosses in 8, srdrl_best in 2 and its ablation in 4 (and 2 scenes out of the way)."""
+    import noisy_label_experiment as exp
+
+    crossing = {"supervised": 8, "srdrl_best": 2, "without_relative_gate": 4}
+    for arm, n in crossing.items():
+        dest = tmp_path / "runs" / exp.run_name(arm, 0.3, 0) / "eval_test_seed0"
+        dest.mkdir(parents=True)
+        report = {"evaluation": {"modes": {"generated": {
+            "hazard_crossing_rate_in_path_scenes": n / 10, "ade_hazard_free": 0.2}}}}
+        (dest / "eval_report.json").write_text(json.dumps(report))
+        rows = [{"index": i, "in_path": i < 10, "crosses": i < n or i >= 10}
+                for i in range(12)]
+        (dest / "eval_scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (dest.parent / "metrics.jsonl").write_text("")
+    s = {"base_seeds": [0], "eval_seeds": [0], "resamples": 200}
+    rows = exp.test_table(tmp_path, s, {arm: [0.3] for arm in crossing})
+    ablation = rows[("without_relative_gate", 0.3)]
+    assert ablation["ratio_vs_srdrl_best"]["ratio"] == pytest.approx(2.0)
+    assert ablation["ratio_vs_supervised"]["ratio"] == pytest.approx(0.5)
+    assert rows[("srdrl_best", 0.3)]["ratio_vs_supervised"]["ratio"] == pytest.approx(0.25)
+    assert "ratio_vs_srdrl_best" not in rows[("srdrl_best", 0.3)]
+    meta = {"scale": "t", "data": {"test_in_path_scenes": 10, "test_scenes": 12},
+            "choice": {"chosen": "v1"}}
+    line = next(x for x in exp.markdown(rows, meta).splitlines() if "without_relative" in x)
+    assert line.split("|")[-2].strip().startswith("2.000 [")  # the last column
+
+
 @pytest.mark.heavy
 def test_smoke_scale_runs_end_to_end(tmp_path):
     import noisy_label_experiment as exp

@@ -85,3 +85,8 @@ def test_fused_expert_samples_the_same_candidates_from_a_cuda_graph(data, twins)
         _, out[name] = sample_trajectories(policy, batch, 4, generator=noise, use_cuda_graph=True)
     scale = out["plain"].abs().amax().item()
     assert (out["fused"] - out["plain"]).abs().amax().item() < 0.02 * scale
+
+
+def test_an_unknown_kernel_name_is_a_one_line_error():
+    with pytest.raises(FusedKernelsError, match="unknown Liger kernels \\['geglu'\\]"):
+        apply_liger_kernels(VLAPolicy(PolicyConfig.tiny()), ("swiglu", "geglu"))

@@ -61,28 +61,37 @@ def _rms_norm_forward(function):
     return forward
 
 
-def apply_liger_kernels(policy) -> dict[str, int]:
+LIGER_KERNELS = ("rms_norm", "rope", "swiglu")
+
+
+def apply_liger_kernels(policy, kernels=LIGER_KERNELS) -> dict[str, int]:
     """Put Liger's kernels on ``policy`` (a VLAPolicy) in place; returns how many modules
-    of each kind now run on them. The policy must be on its CUDA device; call it before
-    DeepSpeed wraps the model."""
+    of each kind now run on them. ``kernels`` picks a subset of ``LIGER_KERNELS`` (the
+    flag uses all; the benchmark times them apart). The policy must be on its CUDA
+    device; call it before DeepSpeed wraps the model."""
+    unknown = set(kernels) - set(LIGER_KERNELS)
+    if unknown:
+        raise FusedKernelsError(f"unknown Liger kernels {sorted(unknown)}; "
+                                f"choose from {list(LIGER_KERNELS)}")
     check_liger_device(policy.device)
     apply_qwen3_vl, rms_norm, silu_mul = _liger()
     from srdrl.policy.expert import ExpertMLP, RMSNorm
 
-    apply_qwen3_vl(rope=True, rms_norm=True, swiglu=False, cross_entropy=False,
-                   fused_linear_cross_entropy=False, model=policy.vlm)
-    counts = {"vlm_text_layers": len(policy.vlm.model.language_model.layers), "swiglu": 0,
-              "expert_rms_norm": 0}
-    swiglu = _swiglu_forward(silu_mul)
-    for layer in policy.vlm.model.language_model.layers:
-        layer.mlp.forward = types.MethodType(swiglu, layer.mlp)
-        counts["swiglu"] += 1
-    norm = _rms_norm_forward(rms_norm)
-    for module in policy.expert.modules():
-        if isinstance(module, ExpertMLP):
-            module.forward = types.MethodType(swiglu, module)
+    apply_qwen3_vl(rope="rope" in kernels, rms_norm="rms_norm" in kernels, swiglu=False,
+                   cross_entropy=False, fused_linear_cross_entropy=False, model=policy.vlm)
+    counts = {"vlm_text_layers": len(policy.vlm.model.language_model.layers)
+              if {"rope", "rms_norm"} & set(kernels) else 0,
+              "swiglu": 0, "expert_rms_norm": 0}
+    swiglu, norm = _swiglu_forward(silu_mul), _rms_norm_forward(rms_norm)
+    mlps = [layer.mlp for layer in policy.vlm.model.language_model.layers]
+    mlps += [m for m in policy.expert.modules() if isinstance(m, ExpertMLP)]
+    if "swiglu" in kernels:
+        for mlp in mlps:
+            mlp.forward = types.MethodType(swiglu, mlp)
             counts["swiglu"] += 1
-        elif isinstance(module, RMSNorm):
-            module.forward = types.MethodType(norm, module)
-            counts["expert_rms_norm"] += 1
+    if "rms_norm" in kernels:
+        for module in policy.expert.modules():
+            if isinstance(module, RMSNorm):
+                module.forward = types.MethodType(norm, module)
+                counts["expert_rms_norm"] += 1
     return counts
