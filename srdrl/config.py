@@ -216,12 +216,13 @@ class TrainConfig:
     these flags. Empty: the built-in srdrl/ds_config.json (ZeRO-2)."""
     zero_stage: int | None = None
     """Override the config's ZeRO stage (0, 1, 2 or 3)."""
-    zero3_gather_expert_whole: bool = False
+    zero3_gather_expert_whole: bool = True
     """At ZeRO-3, gather the action expert's parameters as one unit per expert call (a
     DeepSpeed ZeRO-3 leaf module) instead of submodule by submodule; sampling calls the
-    expert once per Euler step. The whole expert is then live at once while it runs. Off
-    by default until its step time and memory are measured on GPUs (losses are unchanged,
-    tests/test_engine.py)."""
+    expert once per Euler step. The whole expert is then live at once while it runs. The
+    ZeRO-3 step of the bench preset is 1.90x faster with it on one H200
+    (benchmarks/RESULTS.md); losses are unchanged (tests/test_engine.py).
+    --no_zero3_gather_expert_whole gathers submodule by submodule."""
     optimizer: str = OPTIMIZERS[0]
     """Which AdamW steps the parameters: deepspeed_adamw (DeepSpeed builds it from the config's
     optimizer block; torch's foreach AdamW with torch_adam) or torch_fused_adamw (torch's

@@ -199,7 +199,7 @@ class SRDRLModule(nn.Module):
 
     def __init__(self, policy: VLAPolicy, objective: ObjectiveConfig, rewards: RewardConfig,
                  *, zero_stage: int = 0, sampler=sample_trajectories, scorer=score_candidates,
-                 zero3_gather_expert_whole: bool = False):
+                 zero3_gather_expert_whole: bool = True):
         super().__init__()
         self.policy = policy
         self.heads = ConsistencyHeads.for_policy(policy)
