@@ -23,7 +23,7 @@ Finished steps are skipped on a rerun (a policy's weights or a report already th
 fine-tuning chain whose last test evaluation is there is skipped whole, so its policy need
 not be kept), so a run cut short by a time limit continues where it stopped. Writes
 OUT/results.json and OUT/table.md. Scales: ``smoke`` (checks the pipeline), ``session``
-(one GPU, about twenty minutes: arms fixed in advance, no validation stage), ``full``.
+(one GPU, about half an hour: arms fixed in advance, no validation stage), ``full``.
 """
 
 from __future__ import annotations
@@ -41,29 +41,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment_stats import paired_bootstrap_ratio, training_summary  # noqa: E402
 
-SCALES = {
-    "smoke": dict(noise=[0.3], base_seeds=[0], eval_seeds=[0], source=16, target=16, val=6,
-                  test=10, width=128, height=96, base_steps=3, base_batch=2, base_lr=1e-3,
-                  steps=2, batch=2, lr=3e-4, eval_samples=2, variants=["v1"], resamples=200,
-                  min_test_in_path=0),
-    # what one GPU does in two 10-minute calls (--arms splits them): the tiny preset's own
-    # image size, arms fixed in advance (no variant to choose, so no validation stage), two
-    # ablations, supervised at noise 0 as the clean reference
-    "session": dict(noise=[0.0, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1], source=2000,
-                    target=1000, val=200, test=600, width=320, height=192, base_steps=800,
-                    base_batch=16, base_lr=2e-3, steps=250, batch=16, lr=1e-3,
-                    eval_samples=4, variants=["v1"], resamples=4000, min_test_in_path=300,
-                    arm_levels={"supervised": [0.0, 0.3], "srdrl_seed": [0.3],
-                                "srdrl_best": [0.3], "without_relative_gate": [0.3],
-                                "without_generated_reasoning": [0.3]}),
-    "full": dict(noise=[0.0, 0.1, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1, 2],
-                 source=2000, target=1000, val=200, test=600, width=640, height=384,
-                 base_steps=6000, base_batch=4, base_lr=1e-3, steps=1000, batch=4, lr=3e-4,
-                 eval_samples=4, variants=["v1", "v2"], resamples=4000, min_test_in_path=300),
-}
-DATA_SEEDS = {"source": 101, "target": 202, "test": 303}
-ABLATION_NOISE = 0.3
-FIXED_ARMS = {"supervised": ["--rl_loss_weight", "0"], "srdrl_seed": []}
 # the parts of the method: (flags that turn the part on, flags of the run without it)
 PARTS = {
     "trajectory_noise": (["--candidate_noise", "trajectory"], []),
@@ -73,6 +50,29 @@ PARTS = {
                       ["--no_use_trust_gate"]),
     "generated_reasoning": (["--rollout_reasoning", "generated"], []),
 }
+SCALES = {
+    "smoke": dict(noise=[0.3], base_seeds=[0], eval_seeds=[0], source=16, target=16, val=6,
+                  test=10, width=128, height=96, base_steps=3, base_batch=2, base_lr=1e-3,
+                  steps=2, batch=2, lr=3e-4, eval_samples=2, variants=["v1"], resamples=200,
+                  min_test_in_path=0),
+    # what one GPU does in three 10-minute calls (--arms splits them): the tiny preset's own
+    # image size, arms fixed in advance (no variant to choose, so no validation stage), every
+    # one-part-removed ablation, supervised at noise 0 as the clean reference
+    "session": dict(noise=[0.0, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1], source=2000,
+                    target=1000, val=200, test=600, width=320, height=192, base_steps=800,
+                    base_batch=16, base_lr=2e-3, steps=250, batch=16, lr=1e-3,
+                    eval_samples=4, variants=["v1"], resamples=4000, min_test_in_path=300,
+                    arm_levels={"supervised": [0.0, 0.3], "srdrl_seed": [0.3],
+                                "srdrl_best": [0.3],
+                                **{f"without_{p}": [0.3] for p in PARTS}}),
+    "full": dict(noise=[0.0, 0.1, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1, 2],
+                 source=2000, target=1000, val=200, test=600, width=640, height=384,
+                 base_steps=6000, base_batch=4, base_lr=1e-3, steps=1000, batch=4, lr=3e-4,
+                 eval_samples=4, variants=["v1", "v2"], resamples=4000, min_test_in_path=300),
+}
+DATA_SEEDS = {"source": 101, "target": 202, "test": 303}
+ABLATION_NOISE = 0.3
+FIXED_ARMS = {"supervised": ["--rl_loss_weight", "0"], "srdrl_seed": []}
 # settings shared by every part, tried on validation at ABLATION_NOISE
 VARIANTS = {"v1": [], "v2": ["--rl_loss_weight", "2", "--num_trajectory_samples", "8"]}
 TABLE_METRICS = ("hazard_crossing_rate_in_path_scenes", "ade_hazard_free",
