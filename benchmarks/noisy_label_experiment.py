@@ -50,12 +50,14 @@ PARTS = {
                       ["--no_use_trust_gate"]),
     "generated_reasoning": (["--rollout_reasoning", "generated"], []),
 }
+# what srdrl_best does not have, each tried on top of it (an arm "srdrl_best_<name>")
+ADDITIONS = {"srdrl_best_anchors": ["--num_anchors", "16"]}
 SCALES = {
     "smoke": dict(noise=[0.3], base_seeds=[0], eval_seeds=[0], source=16, target=16, val=6,
                   test=10, width=128, height=96, base_steps=3, base_batch=2, base_lr=1e-3,
                   steps=2, batch=2, lr=3e-4, eval_samples=2, variants=["v1"], resamples=200,
                   min_test_in_path=0),
-    # what one GPU does in three 10-minute calls (--arms splits them): the tiny preset's own
+    # what one GPU does in four 10-minute calls (--arms splits them): the tiny preset's own
     # image size, arms fixed in advance (no variant to choose, so no validation stage), every
     # one-part-removed ablation, supervised at noise 0 as the clean reference
     "session": dict(noise=[0.0, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1], source=2000,
@@ -64,7 +66,8 @@ SCALES = {
                     eval_samples=4, variants=["v1"], resamples=4000, min_test_in_path=300,
                     arm_levels={"supervised": [0.0, 0.3], "srdrl_seed": [0.3],
                                 "srdrl_best": [0.3],
-                                **{f"without_{p}": [0.3] for p in PARTS}}),
+                                **{f"without_{p}": [0.3] for p in PARTS},
+                                **{a: [0.3] for a in ADDITIONS}}),
     "full": dict(noise=[0.0, 0.1, 0.3], base_seeds=[0, 1, 2], eval_seeds=[0, 1, 2],
                  source=2000, target=1000, val=200, test=600, width=640, height=384,
                  base_steps=6000, base_batch=4, base_lr=1e-3, steps=1000, batch=4, lr=3e-4,
@@ -253,7 +256,7 @@ def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
     """Per noise level and arm: test metrics (mean over base and evaluation seeds),
     training diagnostics, and paired bootstrap ratios of in-path crossing: against
     supervised at the same noise and on clean labels, and for each one-part-removed
-    ablation against ``srdrl_best`` (what the removed part contributed)."""
+    ablation or addition against ``srdrl_best`` (what the part contributes)."""
     results = {}
     for arm, levels in arms.items():
         for noise in levels:
@@ -284,7 +287,7 @@ def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
             row["ratio_vs_clean_supervised"] = paired_bootstrap_ratio(
                 row["_crossing"], clean["_crossing"], resamples=s["resamples"])
         best = results.get(("srdrl_best", noise))
-        if arm.startswith("without_") and best is not None:
+        if (arm.startswith("without_") or arm in ADDITIONS) and best is not None:
             row["ratio_vs_srdrl_best"] = paired_bootstrap_ratio(
                 row["_crossing"], best["_crossing"], resamples=s["resamples"])
     for row in results.values():
@@ -321,6 +324,7 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
     its test evaluations, so a short run's core goes on to evaluate at once."""
     pick = s["variants"][0]
     flags = {**FIXED_ARMS, "srdrl_best": best_flags(pick),
+             **{a: best_flags(pick) + extra for a, extra in ADDITIONS.items()},
              **{f"without_{p}": best_flags(pick, without=p) for p in PARTS}}
     levels, test = s["arm_levels"], out / "data/test/val.jsonl"
     if args.arms:  # a subset now (e.g. one device call's share); the rest on a later call

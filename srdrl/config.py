@@ -161,6 +161,10 @@ class ObjectiveConfig:
     candidate out-scores its label (needs the RL term)."""
     beaten_traj_weight: float = 0.1
     """Supervised loss weight in scenes whose label a candidate beats (1.0 in the others)."""
+    num_anchors: int = 0
+    """Anchor candidates per scene beside the policy's samples: k-means centres of the
+    training labels' actions, rolled out from each scene's speed (srdrl/anchors.py); 0 (the
+    default) scores the samples only. Needs the RL term."""
 
     def __post_init__(self):
         if self.rollout_reasoning not in ("dataset", "generated"):
@@ -186,6 +190,10 @@ class ObjectiveConfig:
                 0.0 <= self.beaten_traj_weight <= 1.0):
             raise ValueError("candidate_scale_std and candidate_offset_std must be >= 0 and "
                              "beaten_traj_weight in [0, 1]")
+        if self.num_anchors < 0 or (self.num_anchors > 0 and self.rl_loss_weight <= 0):
+            raise ValueError(f"num_anchors must be >= 0 and needs the RL term "
+                             f"(rl_loss_weight > 0); got {self.num_anchors} with "
+                             f"rl_loss_weight {self.rl_loss_weight}")
         if self.awr_mode not in ("best", "all"):
             raise ValueError(f"awr_mode must be 'best' or 'all', got {self.awr_mode!r}")
         if self.awr_temperature <= 0 or self.awr_max_weight <= 0:

@@ -195,13 +195,16 @@ class SRDRLModule(nn.Module):
 
     ``sampler`` has the signature of ``srdrl.policy.sample_trajectories`` and ``scorer``
     that of ``srdrl.rewards.score_candidates``; ``zero_stage`` decides where sampling runs.
+    ``anchors`` (K, 64, 2) is the anchor vocabulary when the objective has ``num_anchors``;
+    a plain attribute, not a buffer, so that DeepSpeed's bf16 cast leaves it in float32.
     """
 
     def __init__(self, policy: VLAPolicy, objective: ObjectiveConfig, rewards: RewardConfig,
                  *, zero_stage: int = 0, sampler=sample_trajectories, scorer=score_candidates,
-                 zero3_gather_expert_whole: bool = True):
+                 zero3_gather_expert_whole: bool = True, anchors: torch.Tensor | None = None):
         super().__init__()
         self.policy = policy
+        self.anchors = anchors
         self.heads = ConsistencyHeads.for_policy(policy)
         self.objective, self.rewards = objective, rewards
         self.zero_stage = zero_stage
@@ -232,7 +235,7 @@ class SRDRLModule(nn.Module):
     def forward(self, batch: dict, generator, timer=NULL_TIMER):
         return srdrl_loss(self.policy, self.heads, batch, self.objective, self.rewards,
                           generator, timer=timer, sample_candidates=self.sample_candidates,
-                          scorer=self.scorer)
+                          scorer=self.scorer, anchors=self.anchors)
 
 
 class DivergenceError(UserError):

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srdrl.anchors import anchor_candidates
 from srdrl.config import ObjectiveConfig, RewardConfig
 from srdrl.data.dataset import scored_images
 from srdrl.exploration import trajectory_noise
@@ -184,6 +185,7 @@ def srdrl_loss(
     timer=NULL_TIMER,
     sample_candidates=None,
     scorer=score_candidates,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The total loss for one batch and its metrics (floats, for logging).
 
@@ -191,7 +193,9 @@ def srdrl_loss(
     (B, N, 64, 2), trajectories (B, N, 64, 3)) from this step's prefix (default:
     ``sample_trajectories`` with ``cfg``'s settings; the trainer passes
     ``SRDRLModule.sample_candidates``, which knows the ZeRO stage). ``scorer`` has the
-    signature of ``srdrl.rewards.score_candidates``.
+    signature of ``srdrl.rewards.score_candidates``. ``anchors`` (K, 64, 2), normalised
+    actions (``srdrl.anchors.anchor_vocabulary``), are scored after the samples when
+    ``cfg.num_anchors`` is K > 0.
     ``timer.section(name)`` brackets the phases (vlm_forward, supervised, sampling,
     scoring, awr) for benchmarks.
     """
@@ -201,6 +205,9 @@ def srdrl_loss(
                 policy, batch, cfg.num_trajectory_samples, steps=cfg.flow_steps,
                 noise_scale_step=cfg.noise_scale_step, generator=generator,
                 use_cuda_graph=cfg.use_cuda_graph, prefix=prefix)
+    if cfg.num_anchors and (anchors is None or anchors.shape[0] != cfg.num_anchors):
+        raise ValueError(f"num_anchors is {cfg.num_anchors} but the anchors given are "
+                         f"{None if anchors is None else tuple(anchors.shape)}")
     device = policy.device
     label = batch["trajectory"].to(device=device, dtype=torch.float32)  # (B, T, 3)
     history = batch["ego_history_xyz"].to(device=device, dtype=torch.float32)
@@ -243,6 +250,12 @@ def srdrl_loss(
                 actions, trajs = trajectory_noise(
                     actions, trajs, history, policy.action_space, cfg.candidate_scale_std,
                     cfg.candidate_offset_std, generator)
+        if cfg.num_anchors:
+            with timer.section("sampling"):
+                anchor_actions, anchor_trajs = anchor_candidates(anchors, history,
+                                                                 policy.action_space)
+            actions = torch.cat([actions, anchor_actions.to(actions.dtype)], dim=1)
+            trajs = torch.cat([trajs, anchor_trajs.to(trajs.dtype)], dim=1)
         candidates = torch.cat([label[:, None], trajs], dim=1)  # (B, 1 + N, T, 3)
         cand_actions = torch.cat([label_actions[:, None], actions], dim=1)  # (B, 1 + N, T, 2)
         with timer.section("scoring"):
@@ -262,6 +275,9 @@ def srdrl_loss(
                                                        generator)
         gt_weight, beaten = terms.gt_weight, label_beaten(terms.reward)
         metrics.update(_reward_metrics(terms, adv, weights, beaten, batch))
+        if cfg.num_anchors:  # the best candidate is one of the last K
+            first_anchor = candidates.shape[1] - cfg.num_anchors
+            metrics["anchor_is_best"] = (terms.reward.argmax(dim=1) >= first_anchor).float().mean()
     elif cfg.gate_supervised_loss:  # the gate needs the label's own safety and danger
         gt_weight = _score(scorer, batch, label[:, None], label, reward_cfg,
                            batch["reasoning_text"]).gt_weight

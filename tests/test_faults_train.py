@@ -210,3 +210,10 @@ def test_liger_kernels_without_cuda_is_a_one_line_error_before_any_work(tmp_path
     run = _run(tmp_path / "out", data, "--liger_kernels", "--max_steps", "1", timeout=300)
     _one_line_error(run, "--liger_kernels needs a CUDA device", "cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_more_anchors_than_labels_is_a_one_line_error_naming_the_file(tmp_path, data):
+    run = _run(tmp_path / "out", data, "--num_anchors", "5000", "--max_steps", "1",
+               timeout=300)
+    _one_line_error(run, "--num_anchors 5000 needs at least 5000 training scenes",
+                    "train.jsonl")

@@ -188,3 +188,41 @@ def test_trajectory_noise_reaches_the_scored_candidates(setup):
     assert torch.equal(plain[:, :2], noisy[:, :2])  # label and the policy's own sample
     shift = (plain[:, 2:, :, 1] - noisy[:, 2:, :, 1]).abs().amax(dim=-1)  # (B, N - 1)
     assert (shift > 0.05).all()
+
+
+def test_anchors_are_scored_after_the_samples_and_can_win(setup):
+    from srdrl.anchors import anchor_candidates
+    from srdrl.objective import srdrl_loss
+    from srdrl.rewards import score_candidates
+
+    policy, heads, batch = setup
+    space = policy.action_space
+    anchors = space.normalize(torch.tensor([[0.0, 0.05], [-1.0, -0.05]])[:, None]
+                              .expand(2, 64, 2)).float()
+    seen = []
+
+    def last_wins(*args, **kwargs):  # reward = candidate index: the last anchor is best
+        seen.append(args[1].clone())
+        terms = score_candidates(*args, **kwargs)
+        terms.reward = torch.arange(terms.reward.shape[1], dtype=terms.reward.dtype
+                                    ).expand_as(terms.reward).clone()
+        return terms
+
+    cfg = ObjectiveConfig(num_trajectory_samples=2, flow_steps=2, num_anchors=2)
+
+    def run(scorer, **kw):
+        return srdrl_loss(policy, heads, batch, cfg, RewardConfig(scoring_backend="kornia"),
+                          generator=torch.Generator().manual_seed(3), scorer=scorer, **kw)[1]
+
+    won = run(last_wins, anchors=anchors)
+    cands = seen[0]  # (B, 1 + 2 samples + 2 anchors, T, 3), label first
+    assert cands.shape[1] == 5
+    _, want = anchor_candidates(anchors, batch["ego_history_xyz"], space)
+    assert torch.allclose(cands[:, 3:], want)
+    assert won["anchor_is_best"] == 1.0 and won["label_beaten"] == 1.0
+    lost = run(_fixed_reward(0.0), anchors=anchors)  # ties: the first sample is the argmax
+    assert lost["anchor_is_best"] == 0.0
+    with pytest.raises(ValueError, match="num_anchors is 2 but the anchors given are None"):
+        run(last_wins)
+    with pytest.raises(ValueError, match="needs the RL term"):
+        ObjectiveConfig(num_anchors=2, rl_loss_weight=0.0)

@@ -66,6 +66,17 @@ def test_resume_continues_exactly(tmp_path, data):
 
 
 @pytest.mark.slow
+def test_anchors_are_scored_and_resume_exactly(tmp_path, data):
+    # the vocabulary is computed again from the same labels on resume: the same losses
+    anchors = ("--num_anchors", "2")
+    unbroken = _train(tmp_path / "a", data, *anchors)
+    assert all(0.0 <= r["anchor_is_best"] <= 1.0 for r in unbroken)
+    _train(tmp_path / "b", data, *anchors, "--stop_after_steps", "1")
+    resumed = _train(tmp_path / "b", data, *anchors, "--resume")
+    assert _losses(resumed) == _losses(unbroken)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_match_one_process(tmp_path, data, stage):
     # at ZeRO-3 the final evaluation is on: it must not need the partitioned parameters
