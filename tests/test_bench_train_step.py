@@ -68,7 +68,7 @@ def test_smoke_run_reports_every_phase_for_both_optimizers(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "bench_train_step.json").read_text())
     results = report["results"]
-    assert "zero2_liger left out" in run.stdout  # CUDA-only
+    assert "zero2_liger variants left out" in run.stdout  # CUDA-only
     assert set(results) == {f"{v}/{o}" for v in ("zero2_eager", "zero3", "zero3_whole",
                                                  "zero3_prefetch")
                             for o in ("deepspeed_adamw", "torch_fused_adamw")}
