@@ -80,3 +80,30 @@ def test_anchor_candidates_are_each_scenes_rollout_from_its_own_speed():
         assert torch.allclose(trajs[b], want, atol=1e-3)
     # the straight anchor covers speed x 6.4 s
     assert trajs[:, 2, -1, 0].tolist() == pytest.approx([3.0 * 6.4, 9.0 * 6.4], rel=0.02)
+
+
+def test_coverage_diagnostic_with_the_label_alone_has_known_answers(tmp_path, monkeypatch):
+    """anchor_coverage.py with no policy and no anchors: nothing can beat the label, and
+    the best candidate is the label, which crosses a hazard exactly where it is noisy."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import anchor_coverage
+
+    make_dataset(SyntheticDataConfig(output_dir=str(tmp_path / "d"), num_scenes=13, width=96,
+                                     height=64, label_noise=0.5, seed=4), progress=False)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert anchor_coverage.main(["--data", str(tmp_path / "d" / "train.jsonl"),
+                                 "--anchors", "0", "3", "--batch", "5"]) == 0
+    report = json.loads((tmp_path / "out" / "anchor_coverage.json").read_text())
+    alone = report["by_anchors"]["0"]
+    assert alone["noisy"]["scenes"] > 0 and alone["clean"]["scenes"] > 0
+    assert alone["noisy"]["beaten"] == alone["clean"]["beaten"] == 0.0
+    assert alone["noisy"]["best_crosses"] == 1.0 and alone["clean"]["best_crosses"] == 0.0
+    three = report["by_anchors"]["3"]
+    assert three["noisy"]["scenes"] == alone["noisy"]["scenes"]
+    assert 0.0 <= three["noisy"]["beaten"] <= 1.0
