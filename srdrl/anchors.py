@@ -1,12 +1,13 @@
 """Anchor candidates: a trajectory vocabulary clustered from the training labels, scored
 beside the policy's samples (``--num_anchors``; docs/DESIGN.md, "The RL loss").
 
-The policy's N samples stay near its own mode, and in the noisy-label experiment a sample
-beat the label in only about a fifth of training scenes while 30% of labels were wrong.
-Anchors, as in DiffusionDrive's and DiffusionDriveV2's trajectory vocabularies, put
-manoeuvres of the whole training set in front of the rewards in every scene: where a wrong
-label drives into mud and some anchor swerves around it, the AWR term can train toward the
-anchor.
+The policy's N samples stay near its own mode: in the noisy-label experiment's target
+set, the best-scoring of srdrl_best's candidates (label, samples, trajectory noise) still
+drove through the hazard in 28-35% of the scenes with a wrong label (docs/EXPERIMENTS.md,
+"Candidate coverage"). Anchors, as in DiffusionDrive's and DiffusionDriveV2's trajectory
+vocabularies, put manoeuvres of the whole training set in front of the rewards in every
+scene: where a wrong label drives into mud and some anchor swerves around it, the AWR term
+can train toward the anchor.
 
 The vocabulary lives in the action space, so an anchor adapts to each scene's speed:
 

@@ -256,8 +256,9 @@ def srdrl_loss(
                                                                  policy.action_space)
             actions = torch.cat([actions, anchor_actions.to(actions.dtype)], dim=1)
             trajs = torch.cat([trajs, anchor_trajs.to(trajs.dtype)], dim=1)
-        candidates = torch.cat([label[:, None], trajs], dim=1)  # (B, 1 + N, T, 3)
-        cand_actions = torch.cat([label_actions[:, None], actions], dim=1)  # (B, 1 + N, T, 2)
+        # C = 1 + N (+ K anchors) candidates, the label first
+        candidates = torch.cat([label[:, None], trajs], dim=1)  # (B, C, T, 3)
+        cand_actions = torch.cat([label_actions[:, None], actions], dim=1)  # (B, C, T, 2)
         with timer.section("scoring"):
             terms = _score(scorer, batch, candidates, label, reward_cfg, texts)
         with timer.section("awr"):
