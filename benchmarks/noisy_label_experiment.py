@@ -74,6 +74,8 @@ SCALES = {
                  eval_samples=4, variants=["v1", "v2"], resamples=4000, min_test_in_path=300),
 }
 DATA_SEEDS = {"source": 101, "target": 202, "test": 303}
+TRAIN_PICTURES = 8
+"""Scenes drawn from the first base's evaluation on its own (noisy) training scenes."""
 ABLATION_NOISE = 0.3
 FIXED_ARMS = {"supervised": ["--rl_loss_weight", "0"], "srdrl_seed": []}
 # settings shared by every part, tried on validation at ABLATION_NOISE
@@ -191,14 +193,16 @@ def finetune_task(out: Path, s: dict, arm: str, noise: float, base_seed: int,
                       1000 + base_seed, ["--learning_rate", str(s["lr"]), *flags], s)
 
 
-def eval_task(out: Path, name: str, split: Path, tag: str, seed: int, s: dict) -> tuple:
+def eval_task(out: Path, name: str, split: Path, tag: str, seed: int, s: dict,
+              pictures: int = 0, oracle: bool = True) -> tuple:
     dest = out / "runs" / name / f"eval_{tag}_seed{seed}"
     # the oracle-reasoning diagnostic on the first evaluation seed only
-    modes = ["generated", "oracle"] if seed == s["eval_seeds"][0] else ["generated"]
+    first = oracle and seed == s["eval_seeds"][0]
+    modes = ["generated", "oracle"] if first else ["generated"]
     argv = ["--policy", str(out / "runs" / name / "policy"), "--data_path", str(split),
             "--output_dir", str(dest), "--reasoning_modes", *modes, "--batch_size", "32",
             "--num_seeds", "1", "--seed", str(seed), "--num_samples", str(s["eval_samples"]),
-            "--no_image_ablation", "--pictures", "0", "--train_data_path", "none"]
+            "--no_image_ablation", "--pictures", str(pictures), "--train_data_path", "none"]
     return ("srdrl.evaluate", argv, dest / "eval_report.json",
             out / "logs" / f"eval_{name}_{tag}_seed{seed}.log")
 
@@ -252,6 +256,19 @@ def choose(out: Path, s: dict) -> tuple[str, dict]:
                   "within_ade_bound": bool(ok), "chosen": pick}
 
 
+def on_training_scenes(out: Path, name: str) -> dict:
+    """From a run's evaluation on its own training scenes, where there is one: the share of
+    noisy labels the policy left behind (its prediction nearer the clean path than the
+    label) and the pictures drawn."""
+    path = out / "runs" / name / "eval_train_seed0" / "eval_report.json"
+    if not path.is_file():
+        return {"train_noisy_left_behind (base 0)": None}
+    report = json.loads(path.read_text())
+    generated = report["evaluation"]["modes"]["generated"]
+    return {"train_noisy_left_behind (base 0)": generated.get("noisy_label_left_behind_rate"),
+            "train_pictures": [str(path.parent / p) for p in report.get("pictures", [])]}
+
+
 def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
     """Per noise level and arm: test metrics (mean over base and evaluation seeds),
     training diagnostics, and paired bootstrap ratios of in-path crossing: against
@@ -275,6 +292,7 @@ def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
                 [o.get("hazard_crossing_rate_in_path_scenes") for o in orc])
             row.update({f"train_{k}": _mean([t.get(k) for t in train])
                         for k in ("gt_is_best", "label_beaten", "gate_precision", "gate_recall")})
+            row.update(on_training_scenes(out, run_name(arm, noise, s["base_seeds"][0])))
             row["_crossing"] = np.array(crossing, dtype=np.float64)  # (base x eval, scenes)
             results[(arm, noise)] = row
     for (arm, noise), row in results.items():
@@ -303,7 +321,8 @@ def _ratio_cell(r: dict | None) -> str:
 
 def markdown(results: dict, meta: dict) -> str:
     cols = [*TABLE_METRICS, "oracle_crossing_in_path (diagnostic)", "train_gt_is_best",
-            "train_label_beaten", "train_gate_precision", "train_gate_recall"]
+            "train_label_beaten", "train_gate_precision", "train_gate_recall",
+            "train_noisy_left_behind (base 0)"]
     lines = [f"scale {meta['scale']}; test: {meta['data']['test_in_path_scenes']} in-path of "
              f"{meta['data']['test_scenes']} scenes; chosen: {meta['choice']['chosen']}", "",
              "| noise | arm | " + " | ".join(cols) + " | in-path crossing / supervised "
@@ -321,7 +340,11 @@ def markdown(results: dict, meta: dict) -> str:
 def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
     """A scale whose arms are fixed before any run (``arm_levels``; srdrl_best is the one
     variant): nothing to choose, so no validation stage. Each fine-tuning is chained with
-    its test evaluations, so a short run's core goes on to evaluate at once."""
+    its test evaluations, so a short run's core goes on to evaluate at once. The first
+    base's noisy fine-tunings are also evaluated on their own training scenes, with
+    pictures (``TRAIN_PICTURES``): which wrong labels the policy left behind, and which
+    not. That evaluation comes before the test ones, so a chain whose test evaluations are
+    done (carried from an earlier call without weights) is skipped without it."""
     pick = s["variants"][0]
     flags = {**FIXED_ARMS, "srdrl_best": best_flags(pick),
              **{a: best_flags(pick) + extra for a, extra in ADDITIONS.items()},
@@ -337,8 +360,13 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
     for arm, noises in levels.items():
         for noise in noises:
             for b in s["base_seeds"]:
-                chains.append([finetune_task(out, s, arm, noise, b, flags[arm]),
-                               *[eval_task(out, run_name(arm, noise, b), test, "test", e, s)
+                name = run_name(arm, noise, b)
+                own = out / "data" / f"target{noise:g}" / "train.jsonl"
+                on_train = ([eval_task(out, name, own, "train", 0, s, TRAIN_PICTURES,
+                                       oracle=False)]
+                            if noise > 0 and b == s["base_seeds"][0] else [])
+                chains.append([finetune_task(out, s, arm, noise, b, flags[arm]), *on_train,
+                               *[eval_task(out, name, test, "test", e, s)
                                  for e in s["eval_seeds"]]])
     chains.sort(key=lambda c: "--rollout_reasoning" not in c[0][1])  # the slowest first
     runner.chains(chains)

@@ -69,8 +69,17 @@ def test_table_gives_ablations_their_ratio_to_the_full_configuration(tmp_path):
                 for i in range(12)]
         (dest / "eval_scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (dest.parent / "metrics.jsonl").write_text("")
+    own = tmp_path / "runs" / exp.run_name("srdrl_best", 0.3, 0) / "eval_train_seed0"
+    own.mkdir()
+    (own / "eval_report.json").write_text(json.dumps(
+        {"evaluation": {"modes": {"generated": {"noisy_label_left_behind_rate": 0.75}}},
+         "pictures": ["pictures/bev_00_train_000003.png"]}))
     s = {"base_seeds": [0], "eval_seeds": [0], "resamples": 200}
     rows = exp.test_table(tmp_path, s, {arm: [0.3] for arm in crossing})
+    best = rows[("srdrl_best", 0.3)]
+    assert best["train_noisy_left_behind (base 0)"] == 0.75
+    assert best["train_pictures"] == [str(own / "pictures/bev_00_train_000003.png")]
+    assert rows[("supervised", 0.3)]["train_noisy_left_behind (base 0)"] is None
     ablation = rows[("without_relative_gate", 0.3)]
     assert ablation["ratio_vs_srdrl_best"]["ratio"] == pytest.approx(2.0)
     assert ablation["ratio_vs_supervised"]["ratio"] == pytest.approx(0.5)
@@ -121,6 +130,11 @@ def test_fixed_arms_scale_chains_training_and_test(tmp_path, monkeypatch):
     assert set(rows) == {(a, n) for a, ns in small["arm_levels"].items() for n in ns}
     assert not list(tmp_path.glob("runs/*/eval_val_*"))  # nothing evaluated on validation
     assert "ratio_vs_clean_supervised" in rows[("srdrl_best", 0.3)]
+    assert "ratio_vs_srdrl_best" in rows[("without_relative_gate", 0.3)]
+    # the first base's noisy fine-tunings are also evaluated on their own training scenes
+    assert (tmp_path / "runs/srdrl_best_noise0.3_seed0/eval_train_seed0/eval_report.json"
+            ).is_file()
+    assert not (tmp_path / "runs/supervised_noise0_seed0/eval_train_seed0").exists()
     assert "ratio_vs_supervised" not in rows[("supervised", 0.3)]
     # the oracle diagnostic on the first evaluation seed only
     second = tmp_path / "runs" / "supervised_noise0_seed0" / "eval_test_seed1"
