@@ -243,15 +243,17 @@ def evaluate_policy(policy: VLAPolicy, dataset: JsonlDataset, num_samples: int =
 
 
 def choose_scenes(scenes: list[dict], count: int) -> list[dict]:
-    """The most telling scenes first: noisy labels the prediction left behind (most first),
-    then the other noisy labels, then predictions that cross a hazard, then the largest
-    ADE to the clean path."""
-    def key(s):
-        if s["label_noisy"]:
-            return (0, -(s["ade_to_label"] - s["ade"]))
-        return (1, not s["crosses"], -s["ade"])
-
-    return sorted(scenes, key=key)[:count]
+    """The most telling scenes first: of the noisy labels, up to half the count the
+    prediction left behind most (nearer the clean path than the label by the widest
+    margin), then those it followed most; then predictions that cross a hazard, then the
+    largest ADE to the clean path."""
+    noisy = sorted((s for s in scenes if s["label_noisy"]),
+                   key=lambda s: -(s["ade_to_label"] - s["ade"]))
+    left = min(len(noisy), (count + 1) // 2)
+    followed = noisy[left:][::-1][:count - left]
+    others = sorted((s for s in scenes if not s["label_noisy"]),
+                    key=lambda s: (not s["crosses"], -s["ade"]))
+    return (noisy[:left] + followed + others)[:count]
 
 
 def _scene_title(s: dict, mode: str) -> str:

@@ -398,7 +398,17 @@ def test_choose_scenes_puts_abandoned_noisy_labels_first():
     ]
     order = [s["sample_id"] for s in choose_scenes(scenes, 4)]
     assert order == ["noisy_left", "noisy_followed", "clean_crossing", "clean_far"]
-    assert len(choose_scenes(scenes, 2)) == 2
+    assert [s["sample_id"] for s in choose_scenes(scenes, 2)] == ["noisy_left",
+                                                                 "noisy_followed"]
+
+
+def test_choose_scenes_shows_wrong_labels_left_behind_and_followed():
+    # margins ade_to_label - ade: 3, 1, 0, -1, -2 (the last two followed the wrong label)
+    scenes = [{"sample_id": f"n{m}", "label_noisy": True, "ade": 1.0, "ade_to_label": 1.0 + m,
+               "crosses": m < 0} for m in (0, 3, -2, 1, -1)]
+    order = [s["sample_id"] for s in choose_scenes(scenes, 4)]
+    assert order == ["n3", "n1", "n-2", "n-1"]  # most left behind, then most followed
+    assert [s["sample_id"] for s in choose_scenes(scenes, 3)] == ["n3", "n1", "n-2"]
 
 
 def test_footprint_band_of_a_straight_path():
