@@ -43,150 +43,27 @@ import numpy as np
 import torch
 
 from srdrl.errors import UserError
+from srdrl.run_folder import (
+    CHECKPOINTS,
+    EXPORT,
+    TRAIN_CONFIG,
+    CheckpointError,
+    agree,
+    all_or_none,
+    describe,
+    on_rank0,
+    remove,
+    write_atomic,
+    write_json,
+)
 
-CHECKPOINTS = "checkpoints"
-EXPORT = "policy"
 LATEST = "latest"
 MARKER = "complete.json"
-TRAIN_CONFIG = "train_config.json"
-RUN_OUTPUTS = (CHECKPOINTS, "metrics.jsonl", EXPORT, "eval_report.json", TRAIN_CONFIG,
-               "tensorboard")
-"""What a training run writes into output_dir (data/ aside): the signs of a used folder."""
 _TAG = re.compile(r"checkpoint-(\d+)")
-
-
-class CheckpointError(UserError):
-    """A checkpoint or output folder that cannot be used; the message names it and why."""
 
 
 class NonFiniteWeightsError(UserError):
     """An export refused because a weight is NaN or infinite: the run diverged."""
-
-
-# --------------------------------------------------------------------------- ranks agree
-
-
-def _agree(error: str | None) -> str | None:
-    """The first failing rank's message on every rank, or None when every rank succeeded.
-    Also a barrier. Without a process group, ``error`` itself."""
-    if not torch.distributed.is_initialized():
-        return error
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
-    ok = torch.tensor([int(error is None)], device=device)
-    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    if ok.item():
-        return None
-    errors = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(errors, error)
-    return next(e if len(errors) == 1 else f"rank {r}: {e}"
-                for r, e in enumerate(errors) if e is not None)
-
-
-def _all_or_none(action: Callable[[], object]) -> None:
-    """Run ``action`` on this rank; if it fails on any rank, every rank raises: the failing
-    rank its own exception (with its traceback), the others a CheckpointError with the
-    failing rank's message. Also a barrier."""
-    failure = None
-    try:
-        action()
-    except Exception as e:  # noqa: BLE001 - re-raised below, once the ranks agree
-        failure = e
-    message = _agree(None if failure is None else _describe(failure))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise CheckpointError(message)
-
-
-def _on_rank0(rank: int, action: Callable[[], object]) -> None:
-    _all_or_none(action if rank == 0 else (lambda: None))
-
-
-def _describe(error: BaseException) -> str:
-    """One line: the refused pickle global when there is one, else the first line."""
-    lines = [x.strip() for x in str(error).splitlines() if x.strip()] or [type(error).__name__]
-    line = next((x for x in lines if "Unsupported global" in x), lines[0])
-    return f"{type(error).__name__}: {line[:300]}"
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, value) -> None:
-    """Strict JSON (no NaN/Infinity tokens) written to a temporary file, then renamed over
-    ``path``: a reader sees the old file or the new one, never half of it."""
-    _write_atomic(Path(path), json.dumps(value, indent=2, sort_keys=True, allow_nan=False))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _holds_something(path: Path) -> bool:
-    """A file, a link, or a folder that is not empty (the probe below leaves an empty
-    checkpoints/ behind, which must not make the folder count as used)."""
-    if path.is_dir() and not path.is_symlink():
-        return any(path.iterdir())
-    return path.exists() or path.is_symlink()
-
-
-def _probe_writable(folder: Path, rank: int) -> str | None:
-    """None when ``folder`` can be created and written, else why not."""
-    if folder.exists() and not folder.is_dir():
-        return f"{folder} is a file, not a folder"
-    probe = folder / f".write_probe_rank{rank}_{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"srdrl")
-        probe.unlink()
-    except OSError as e:
-        return f"{folder} cannot be written ({e.strerror or e})"
-    return None
-
-
-def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, rank: int) -> None:
-    """Refuse an output_dir that holds a run (any of ``RUN_OUTPUTS``; empty folders do not
-    count) unless ``resume`` or ``overwrite``; with ``overwrite`` and not ``resume``, rank 0
-    removes those (data/, the generated synthetic data, and anything else stays). Then every
-    rank writes and removes a probe file in output_dir and output_dir/checkpoints, so an
-    unwritable folder fails now rather than at the first save. Raises CheckpointError naming
-    the path."""
-    out = Path(out)
-    used = [name for name in RUN_OUTPUTS if _holds_something(out / name)]
-    refused = None
-    if used and not (resume or overwrite):
-        refused = (f"output_dir {out} already holds a run ({', '.join(used)}); pass --resume "
-                   f"to continue it or --overwrite_output_dir to replace it (data/ is kept)")
-    # every rank looks before any rank probes or removes (a probe is a file in checkpoints/)
-    refused = _agree(refused)
-    if refused is not None:
-        raise CheckpointError(refused)
-    if used and overwrite and not resume:
-        def remove_run():
-            for name in used:
-                _remove(out / name)
-        try:
-            _on_rank0(rank, remove_run)
-        except OSError as e:
-            raise CheckpointError(f"--overwrite_output_dir: cannot remove {e.filename}: "
-                                  f"{e.strerror}") from None
-    problem = _probe_writable(out, rank) or _probe_writable(out / CHECKPOINTS, rank)
-    problem = _agree(problem)
-    if problem is not None:
-        raise CheckpointError(f"output_dir: {problem}; checkpoints and metrics go there")
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -291,7 +168,7 @@ def save_checkpoint(engine, out: Path, progress: dict, rank: int, *,
     folder = root / f"checkpoint-{progress['global_step']}"
     # saving a step again (e.g. a stop signal right after a periodic save): the old marker
     # must not vouch for files that are about to be rewritten
-    _on_rank0(rank, lambda: (folder / MARKER).unlink(missing_ok=True))
+    on_rank0(rank, lambda: (folder / MARKER).unlink(missing_ok=True))
 
     def write_rng():
         folder.mkdir(parents=True, exist_ok=True)
@@ -299,12 +176,12 @@ def save_checkpoint(engine, out: Path, progress: dict, rank: int, *,
         torch.save(rng_state(), rng_file.with_name(rng_file.name + ".tmp"))
         os.replace(rng_file.with_name(rng_file.name + ".tmp"), rng_file)
 
-    _all_or_none(write_rng)
+    all_or_none(write_rng)
     engine.save_checkpoint(str(root), tag=folder.name, client_state=progress,
                            save_latest=False)  # ends in a barrier
     if export is not None:
         with _whole_parameters(engine.module, engine.zero_optimization_partition_weights()):
-            _on_rank0(rank, lambda: export(folder / EXPORT))
+            on_rank0(rank, lambda: export(folder / EXPORT))
 
     def finish():
         if train_config is not None:
@@ -313,11 +190,11 @@ def save_checkpoint(engine, out: Path, progress: dict, rank: int, *,
                                      "progress_keys": sorted(progress),
                                      "world_size": torch.distributed.get_world_size(),
                                      "files": _file_sizes(folder)})
-        _write_atomic(root / LATEST, folder.name)
+        write_atomic(root / LATEST, folder.name)
         if save_total_limit is not None:
             _prune(root, folder, save_total_limit)
 
-    _on_rank0(rank, finish)
+    on_rank0(rank, finish)
     return folder
 
 
@@ -388,8 +265,8 @@ def _try_load(engine, folder: Path, rank: int) -> tuple[dict | None, str | None]
     try:
         progress = _load_one(engine, folder, rank)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, with why
-        error = str(e) if isinstance(e, _Unusable) else _describe(e)
-    error = _agree(error)
+        error = str(e) if isinstance(e, _Unusable) else describe(e)
+    error = agree(error)
     return (None, error) if error is not None else (progress, None)
 
 
@@ -498,14 +375,14 @@ def write_policy(policy: torch.nn.Module, target: Path) -> Path:
                                     "diverged (try a lower --learning_rate)")
     partial = target.with_name(f".{target.name}.partial")
     old = target.with_name(f".{target.name}.old")
-    _remove(partial)
+    remove(partial)
     with _float32_on_cpu(policy):
         policy.save_pretrained(partial)
-    _remove(old)
+    remove(old)
     if target.exists():
         os.replace(target, old)
     os.replace(partial, target)
-    _remove(old)
+    remove(old)
     return target
 
 
@@ -517,5 +394,5 @@ def export_policy(engine, out: Path, rank: int, zero_stage: int, folder: str = E
     target = Path(out) / folder
     writer = writer or write_policy
     with _whole_parameters(engine.module, zero_stage == 3):
-        _on_rank0(rank, lambda: writer(engine.module.policy, target))
+        on_rank0(rank, lambda: writer(engine.module.policy, target))
     return target

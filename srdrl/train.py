@@ -49,13 +49,9 @@ from tqdm import tqdm
 
 from srdrl.anchors import anchor_vocabulary
 from srdrl.checkpoint import (
-    CHECKPOINTS,
-    TRAIN_CONFIG,
     export_policy,
     load_checkpoint,
-    prepare_output_dir,
     save_checkpoint,
-    write_json,
     write_policy,
 )
 from srdrl.cli import parse_config
@@ -86,6 +82,7 @@ from srdrl.policy.lora import (
     save_lora_adapters,
 )
 from srdrl.policy.noise import SceneNoise, scene_seed
+from srdrl.run_folder import CHECKPOINTS, TRAIN_CONFIG, prepare_output_dir, write_json
 
 CONFIG_CLASSES = (TrainConfig, ObjectiveConfig, RewardConfig, LoraSettings)
 ADAPTERS = "adapters"

@@ -23,17 +23,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from srdrl.checkpoint import (
-    CHECKPOINTS,
     MARKER,
-    RUN_OUTPUTS,
-    CheckpointError,
     NonFiniteWeightsError,
     export_policy,
     load_checkpoint,
-    prepare_output_dir,
     save_checkpoint,
     write_policy,
 )
+from srdrl.run_folder import CHECKPOINTS, RUN_OUTPUTS, CheckpointError, prepare_output_dir
 
 deepspeed = pytest.importorskip("deepspeed")
 HERE = Path(__file__).resolve().parent
