@@ -265,11 +265,14 @@ def _jacobian(accel, curvature, v, ds, theta, std) -> torch.Tensor:
     return jac.reshape(batch, steps * 2, steps * 2)
 
 
-def _initial_controls(xy: torch.Tensor, v0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def finite_difference_controls(xy: torch.Tensor, v0: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Finite-difference speed and heading of the target (B, T, 2) -> physical a, kappa.
 
-    Only a start for the iterations: a segment shorter than 5 cm (0.5 m/s) keeps the heading
-    of the last longer one, so pose jitter while standing does not start it spinning.
+    The start of ``traj_to_action``'s iterations, and the cheap screen of labels that
+    ``srdrl.data.label_bounds`` runs before inverting any. A segment shorter than 5 cm
+    (0.5 m/s) keeps the heading of the last longer one, so pose jitter while standing does
+    not start it spinning.
     """
     points = torch.cat([torch.zeros_like(xy[:, :1]), xy], 1)  # (B, T+1, 2)
     seg = points[:, 1:] - points[:, :-1]
@@ -350,7 +353,7 @@ def traj_to_action(
         v, ds, theta, xy = _rollout(a, k, v0)
         return (xy - target).reshape(-1, NUM_STEPS * 2), (a, k, v, ds, theta)
 
-    accel, curvature = _initial_controls(target, v0)
+    accel, curvature = finite_difference_controls(target, v0)
     z = torch.cat([accel / std[0], curvature / std[1]], -1)
     r, state = residual_and_state(z)
     damping = torch.full_like(z[:, 0], 1e-6)

@@ -24,9 +24,9 @@ import torch
 from srdrl.action_space import (
     ACCEL_LIMIT,
     CURVATURE_LIMIT,
-    _initial_controls,
     action_in_bounds,
     estimate_v0,
+    finite_difference_controls,
     traj_to_action,
 )
 
@@ -65,7 +65,7 @@ def out_of_bounds_labels(records: list[dict]) -> tuple[list[tuple[int, str]], in
     future = torch.as_tensor(np.stack([r["trajectory"] for r in records]))  # (S, 64, 3)
     history = torch.as_tensor(np.stack([r["ego_history_xyz"] for r in records]))  # (S, 16, 3)
     # The screen: the inverse's own starting point, finite-difference controls (S, 64) each.
-    accel, curvature = _initial_controls(future[..., :2], estimate_v0(history))
+    accel, curvature = finite_difference_controls(future[..., :2], estimate_v0(history))
     peak = torch.maximum(accel.abs().amax(-1) / ACCEL_LIMIT,
                          curvature.abs().amax(-1) / CURVATURE_LIMIT)  # (S,) in bounds
     suspects = torch.nonzero(peak > LABEL_SCREEN_FRACTION).flatten()
