@@ -177,17 +177,24 @@ def init_distributed() -> tuple[int, int, torch.device]:
 # --------------------------------------------------------------------------- the module
 
 
-def gather_expert_whole(policy: VLAPolicy) -> None:
-    """At ZeRO-3, let DeepSpeed gather the action expert's parameters as one unit at each
-    expert call (a ZeRO-3 "leaf module"), not submodule by submodule: sampling calls the
-    expert once per Euler step, and each per-submodule gather runs ZeRO-3's hooks. Call
-    before ``deepspeed.initialize``. The whole expert's parameters are then live at once
-    while it runs. DeepSpeed 0.19 allows one differentiated call of a leaf module per
-    forward pass (its gradient bucket asserts otherwise), which srdrl_loss keeps: the
-    label's and the AWR's flow matching share one expert call."""
+def gather_whole(policy: VLAPolicy, expert: bool = True, vlm_layers: bool = False) -> None:
+    """At ZeRO-3, let DeepSpeed gather a module's parameters as one unit at each call (a
+    ZeRO-3 "leaf module"), not submodule by submodule, for the action expert (sampling
+    calls it once per Euler step) and/or each VLM decoder layer and vision block; each
+    per-submodule gather runs ZeRO-3's hooks. Call before ``deepspeed.initialize``. A leaf's
+    parameters are all live while it runs. DeepSpeed 0.19 allows one differentiated call
+    of a leaf module per forward pass (its gradient bucket asserts otherwise), which
+    srdrl_loss keeps: the label's and the AWR's flow matching share one expert call, and
+    the VLM runs once with gradients (generation runs without)."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(policy, [type(policy.expert)])
+    classes = [type(policy.expert)] if expert else []
+    if vlm_layers:
+        model = policy.vlm.model
+        layers = [*model.language_model.layers, *model.visual.blocks]
+        classes += sorted({type(layer) for layer in layers}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(policy, classes)
 
 
 class SRDRLModule(nn.Module):
@@ -201,7 +208,9 @@ class SRDRLModule(nn.Module):
 
     def __init__(self, policy: VLAPolicy, objective: ObjectiveConfig, rewards: RewardConfig,
                  *, zero_stage: int = 0, sampler=sample_trajectories, scorer=score_candidates,
-                 zero3_gather_expert_whole: bool = True, anchors: torch.Tensor | None = None):
+                 zero3_gather_expert_whole: bool = True,
+                 zero3_gather_vlm_layers_whole: bool = False,
+                 anchors: torch.Tensor | None = None):
         super().__init__()
         self.policy = policy
         self.anchors = anchors
@@ -209,8 +218,8 @@ class SRDRLModule(nn.Module):
         self.objective, self.rewards = objective, rewards
         self.zero_stage = zero_stage
         self.sampler, self.scorer = sampler, scorer
-        if zero_stage == 3 and zero3_gather_expert_whole:
-            gather_expert_whole(policy)
+        if zero_stage == 3:
+            gather_whole(policy, zero3_gather_expert_whole, zero3_gather_vlm_layers_whole)
 
     @torch.no_grad()
     def sample_candidates(self, batch: dict, generator, prefix) -> tuple:

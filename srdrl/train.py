@@ -269,6 +269,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     anchors = training_anchors(dataset, policy, objective.num_anchors, train_path, rank)
     module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage,
                          zero3_gather_expert_whole=cfg.zero3_gather_expert_whole,
+                         zero3_gather_vlm_layers_whole=cfg.zero3_gather_vlm_layers_whole,
                          anchors=anchors)
     engine, scheduler = initialize_engine(module, ds_config, cfg.optimizer,
                                           warmup_cosine(cfg.warmup_steps, plan.total_steps))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from srdrl.config import ObjectiveConfig, RewardConfig
+from srdrl.config import ObjectiveConfig, RewardConfig, TrainConfig
 from srdrl.engine import SRDRLModule, initialize_engine, train_step
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
 from srdrl.policy.noise import SceneNoise
@@ -105,3 +105,57 @@ def test_zero3_gathers_the_expert_whole_with_the_same_losses(group, monkeypatch)
     expert_submodules = sum(1 for _ in policy.expert.modules()) - 1
     calls = 2 * (FLOW_STEPS + 1)  # expert calls in the two steps' forward passes
     assert n_per_module - n_whole >= calls * expert_submodules
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollout", ["dataset", "generated"])
+def test_zero3_gathers_vlm_layers_whole_with_the_same_losses(group, monkeypatch, rollout):
+    """zero3_gather_vlm_layers_whole: each VLM decoder layer and vision block is fetched as
+    one unit (its submodules carry no ZeRO-3 hooks), fewer fetches, the same losses; also
+    with rollouts that generate their reasoning (the VLM's layers run again, no grad)."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import (
+        PartitionedParameterCoordinator,
+    )
+
+    fetches = {"n": 0}
+    fetch = PartitionedParameterCoordinator.fetch_sub_module
+
+    def counted(self, module, forward):
+        fetches["n"] += 1
+        return fetch(self, module, forward)
+
+    monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counted)
+    runs = {}
+    for whole in (False, True):
+        torch.manual_seed(0)
+        config = PolicyConfig.tiny()
+        policy = VLAPolicy(config, build_tokenizer(config, REASONING))
+        objective = ObjectiveConfig(num_trajectory_samples=2, flow_steps=FLOW_STEPS,
+                                    use_cuda_graph=False, rollout_reasoning=rollout)
+        module = SRDRLModule(policy, objective, RewardConfig(scoring_backend="kornia"),
+                             zero_stage=3, zero3_gather_vlm_layers_whole=whole)
+        ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "train_batch_size": 2, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+              "steps_per_print": 10**9}
+        engine, _ = initialize_engine(module, ds)
+        batch = make_batch(2, height=96, width=128)
+        fetches["n"] = 0
+        losses = [train_step(engine, batch, SceneNoise([2 * s, 2 * s + 1]))[0].item()
+                  for s in range(2)]
+        runs[whole] = (losses, fetches["n"])
+        model = policy.vlm.model
+        for layer in (model.language_model.layers[0], model.visual.blocks[0]):
+            inner = next(m for m in layer.modules() if m is not layer and
+                         any(True for _ in m.parameters(recurse=False)))
+            assert bool(inner._forward_pre_hooks) != whole
+    (per_module, n_per_module), (whole, n_whole) = runs[False], runs[True]
+    assert whole == per_module
+    layers = [*model.language_model.layers, *model.visual.blocks]
+    inner_modules = sum(sum(1 for _ in layer.modules()) - 1 for layer in layers)
+    assert n_per_module - n_whole >= 2 * inner_modules  # two forward passes at least
+
+
+def test_vlm_layers_whole_refuses_gradient_checkpointing():
+    with pytest.raises(ValueError, match="cannot be used with gradient_checkpointing"):
+        TrainConfig(zero3_gather_vlm_layers_whole=True, gradient_checkpointing=True)
