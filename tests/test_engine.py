@@ -37,22 +37,28 @@ def count_calls(module: torch.nn.Module, counts: dict, key: str) -> None:
     module.register_forward_hook(hook)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("rl_loss_weight", [0.5, 0.0])
-def test_one_prefix_encode_per_step(group, stage, rl_loss_weight):
+def tiny_engine(stage: int, objective: dict, **module_options):
+    """A DeepSpeed engine over a fresh tiny policy (seed 0), 2 scenes per step, and the
+    policy."""
     torch.manual_seed(0)
     config = PolicyConfig.tiny()
     policy = VLAPolicy(config, build_tokenizer(config, REASONING))
     objective = ObjectiveConfig(num_trajectory_samples=2, flow_steps=FLOW_STEPS,
-                                rl_loss_weight=rl_loss_weight, use_cuda_graph=False)
+                                use_cuda_graph=False, **objective)
     module = SRDRLModule(policy, objective, RewardConfig(scoring_backend="kornia"),
-                         zero_stage=stage)
+                         zero_stage=stage, **module_options)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
           "train_batch_size": 2, "zero_optimization": {"stage": stage},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
           "steps_per_print": 10**9}
-    engine, _ = initialize_engine(module, ds)
+    return initialize_engine(module, ds)[0], policy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("rl_loss_weight", [0.5, 0.0])
+def test_one_prefix_encode_per_step(group, stage, rl_loss_weight):
+    engine, policy = tiny_engine(stage, {"rl_loss_weight": rl_loss_weight})
     counts = {"vlm": 0, "expert": 0}
     count_calls(policy.vlm.model, counts, "vlm")  # what encode_prefix runs
     count_calls(policy.expert, counts, "expert")
@@ -63,10 +69,9 @@ def test_one_prefix_encode_per_step(group, stage, rl_loss_weight):
     assert counts == {"vlm": 2, "expert": 2 * (1 + FLOW_STEPS * sampled)}
 
 
-@pytest.mark.slow
-def test_zero3_gathers_the_expert_whole_with_the_same_losses(group, monkeypatch):
-    """zero3_gather_expert_whole: one ZeRO-3 fetch per expert call instead of one per
-    submodule, and the same losses as gathering submodule by submodule."""
+def _zero3_losses_and_fetches(monkeypatch, rollout="dataset", **gather):
+    """Two ZeRO-3 training steps of a fresh tiny policy with SRDRLModule's ``gather``
+    options: their losses, the ZeRO-3 fetches they made, and the policy."""
     from deepspeed.runtime.zero.partitioned_param_coordinator import (
         PartitionedParameterCoordinator,
     )
@@ -79,28 +84,24 @@ def test_zero3_gathers_the_expert_whole_with_the_same_losses(group, monkeypatch)
         return fetch(self, module, forward)
 
     monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counted)
+    engine, policy = tiny_engine(3, {"rollout_reasoning": rollout}, **gather)
+    batch = make_batch(2, height=96, width=128)
+    fetches["n"] = 0  # the steps' fetches only
+    losses = [train_step(engine, batch, SceneNoise([2 * s, 2 * s + 1]))[0].item()
+              for s in range(2)]
+    return losses, fetches["n"], policy
+
+
+@pytest.mark.slow
+def test_zero3_gathers_the_expert_whole_with_the_same_losses(group, monkeypatch):
+    """zero3_gather_expert_whole: one ZeRO-3 fetch per expert call instead of one per
+    submodule, and the same losses as gathering submodule by submodule."""
     runs = {}
     for whole in (False, True):
-        torch.manual_seed(0)
-        config = PolicyConfig.tiny()
-        policy = VLAPolicy(config, build_tokenizer(config, REASONING))
-        objective = ObjectiveConfig(num_trajectory_samples=2, flow_steps=FLOW_STEPS,
-                                    use_cuda_graph=False)
-        module = SRDRLModule(policy, objective, RewardConfig(scoring_backend="kornia"),
-                             zero_stage=3, zero3_gather_expert_whole=whole)
-        ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "train_batch_size": 2, "zero_optimization": {"stage": 3},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-              "steps_per_print": 10**9}
-        engine, _ = initialize_engine(module, ds)
-        batch = make_batch(2, height=96, width=128)
-        fetches["n"] = 0
-        losses = [train_step(engine, batch, SceneNoise([2 * s, 2 * s + 1]))[0].item()
-                  for s in range(2)]
-        runs[whole] = (losses, fetches["n"])
-        hooked = bool(policy.expert.layers[0]._forward_pre_hooks)
+        runs[whole] = _zero3_losses_and_fetches(monkeypatch, zero3_gather_expert_whole=whole)
+        hooked = bool(runs[whole][2].expert.layers[0]._forward_pre_hooks)
         assert hooked != whole  # whole: the expert's submodules carry no hooks of their own
-    (per_module, n_per_module), (whole, n_whole) = runs[False], runs[True]
+    (per_module, n_per_module, policy), (whole, n_whole, _) = runs[False], runs[True]
     assert whole == per_module
     expert_submodules = sum(1 for _ in policy.expert.modules()) - 1
     calls = 2 * (FLOW_STEPS + 1)  # expert calls in the two steps' forward passes
@@ -113,43 +114,16 @@ def test_zero3_gathers_vlm_layers_whole_with_the_same_losses(group, monkeypatch,
     """zero3_gather_vlm_layers_whole: each VLM decoder layer and vision block is fetched as
     one unit (its submodules carry no ZeRO-3 hooks), fewer fetches, the same losses; also
     with rollouts that generate their reasoning (the VLM's layers run again, no grad)."""
-    from deepspeed.runtime.zero.partitioned_param_coordinator import (
-        PartitionedParameterCoordinator,
-    )
-
-    fetches = {"n": 0}
-    fetch = PartitionedParameterCoordinator.fetch_sub_module
-
-    def counted(self, module, forward):
-        fetches["n"] += 1
-        return fetch(self, module, forward)
-
-    monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counted)
     runs = {}
     for whole in (False, True):
-        torch.manual_seed(0)
-        config = PolicyConfig.tiny()
-        policy = VLAPolicy(config, build_tokenizer(config, REASONING))
-        objective = ObjectiveConfig(num_trajectory_samples=2, flow_steps=FLOW_STEPS,
-                                    use_cuda_graph=False, rollout_reasoning=rollout)
-        module = SRDRLModule(policy, objective, RewardConfig(scoring_backend="kornia"),
-                             zero_stage=3, zero3_gather_vlm_layers_whole=whole)
-        ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "train_batch_size": 2, "zero_optimization": {"stage": 3},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-              "steps_per_print": 10**9}
-        engine, _ = initialize_engine(module, ds)
-        batch = make_batch(2, height=96, width=128)
-        fetches["n"] = 0
-        losses = [train_step(engine, batch, SceneNoise([2 * s, 2 * s + 1]))[0].item()
-                  for s in range(2)]
-        runs[whole] = (losses, fetches["n"])
-        model = policy.vlm.model
+        runs[whole] = _zero3_losses_and_fetches(monkeypatch, rollout,
+                                                zero3_gather_vlm_layers_whole=whole)
+        model = runs[whole][2].vlm.model
         for layer in (model.language_model.layers[0], model.visual.blocks[0]):
             inner = next(m for m in layer.modules() if m is not layer and
                          any(True for _ in m.parameters(recurse=False)))
             assert bool(inner._forward_pre_hooks) != whole
-    (per_module, n_per_module), (whole, n_whole) = runs[False], runs[True]
+    (per_module, n_per_module, _), (whole, n_whole, _) = runs[False], runs[True]
     assert whole == per_module
     layers = [*model.language_model.layers, *model.visual.blocks]
     inner_modules = sum(sum(1 for _ in layer.modules()) - 1 for layer in layers)
