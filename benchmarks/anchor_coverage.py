@@ -34,11 +34,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
-from srdrl.anchors import anchor_candidates, anchor_vocabulary  # noqa: E402
+from srdrl.anchors import anchor_candidates, records_vocabulary  # noqa: E402
 from srdrl.config import ObjectiveConfig, RewardConfig  # noqa: E402
 from srdrl.data.dataset import JsonlDataset, collate, scored_images  # noqa: E402
 from srdrl.eval_metrics import crosses_any_hazard  # noqa: E402
 from srdrl.exploration import trajectory_noise  # noqa: E402
+from srdrl.objective import label_beaten  # noqa: E402
 from srdrl.rewards import score_candidates  # noqa: E402
 
 
@@ -90,11 +91,7 @@ def main(argv=None) -> int:
     noisy = np.array([bool(r["eval"].get("label_noisy")) for r in records])
     from srdrl.action_space import ActionSpace
     space = ActionSpace()
-    labels = torch.stack([torch.as_tensor(r["trajectory"], dtype=torch.float64)
-                          for r in dataset.records])
-    histories = torch.stack([torch.as_tensor(r["ego_history_xyz"], dtype=torch.float64)
-                             for r in dataset.records])
-    vocab = {k: anchor_vocabulary(labels, histories, space, k) for k in args.anchors if k}
+    vocab = {k: records_vocabulary(dataset.records, space, k) for k in args.anchors if k}
     policy = None
     if args.policy:
         from srdrl.policy import VLAPolicy
@@ -120,7 +117,7 @@ def main(argv=None) -> int:
                                      batch["T_cam_from_ego"], list(batch["reasoning_text"]),
                                      rewards)
             r = terms.reward
-            beaten[k] += (r[:, 1:] > r[:, :1]).any(dim=1).tolist()
+            beaten[k] += label_beaten(r).tolist()
             best = r.argmax(dim=1)
             for b, i in enumerate(idx):
                 path = cands[b, best[b]].numpy()

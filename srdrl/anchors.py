@@ -87,6 +87,16 @@ def anchor_vocabulary(labels: torch.Tensor, histories: torch.Tensor, action_spac
     return kmeans(actions.flatten(1), k).view(k, *actions.shape[1:]).float()
 
 
+def records_vocabulary(records: list[dict], action_space, k: int) -> torch.Tensor:
+    """``anchor_vocabulary`` of a dataset's records (``JsonlDataset.records``: each with its
+    ``trajectory`` and ``ego_history_xyz``)."""
+    labels = torch.stack([torch.as_tensor(r["trajectory"], dtype=torch.float64)
+                          for r in records])
+    histories = torch.stack([torch.as_tensor(r["ego_history_xyz"], dtype=torch.float64)
+                             for r in records])
+    return anchor_vocabulary(labels, histories, action_space, k)
+
+
 @torch.no_grad()
 def anchor_candidates(anchors: torch.Tensor, history: torch.Tensor, action_space
                       ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,7 +192,7 @@ def gather_whole(policy: VLAPolicy, expert: bool = True, vlm_layers: bool = Fals
     if vlm_layers:
         model = policy.vlm.model
         layers = [*model.language_model.layers, *model.visual.blocks]
-        classes += sorted({type(layer) for layer in layers}, key=lambda c: c.__name__)
+        classes += list({type(layer) for layer in layers})
     if classes:
         set_z3_leaf_modules(policy, classes)
 

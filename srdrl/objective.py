@@ -275,10 +275,7 @@ def srdrl_loss(
                                                        label_draws, targets, weights,
                                                        generator)
         gt_weight, beaten = terms.gt_weight, label_beaten(terms.reward)
-        metrics.update(_reward_metrics(terms, adv, weights, beaten, batch))
-        if cfg.num_anchors:  # the best candidate is one of the last K
-            first_anchor = candidates.shape[1] - cfg.num_anchors
-            metrics["anchor_is_best"] = (terms.reward.argmax(dim=1) >= first_anchor).float().mean()
+        metrics.update(_reward_metrics(terms, adv, weights, beaten, batch, cfg.num_anchors))
     elif cfg.gate_supervised_loss:  # the gate needs the label's own safety and danger
         gt_weight = _score(scorer, batch, label[:, None], label, reward_cfg,
                            batch["reasoning_text"]).gt_weight
@@ -315,22 +312,25 @@ def label_and_awr_losses(policy: VLAPolicy, prefix, label_actions: torch.Tensor,
 
 
 def _reward_metrics(terms: RewardTerms, adv: torch.Tensor, weights: torch.Tensor,
-                    beaten: torch.Tensor, batch: dict) -> dict:
-    """Reward metrics as 0-d tensors. gt_sim averages the policy samples only (the label's
-    own is 1); visible_fraction counts candidates with at least one visible waypoint.
-    Where the batch carries the evaluation-only ``label_noisy`` flags, two more metrics
-    let a run's gate precision and recall be read from its log (they are logged, never
-    used by the loss): label_noisy (share of noisy labels) and gate_fired_noisy (share
-    of scenes where the gate fired on a noisy label)."""
+                    beaten: torch.Tensor, batch: dict, num_anchors: int = 0) -> dict:
+    """Reward metrics as 0-d tensors. gt_sim averages the candidates other than the label
+    (the label's own is 1); visible_fraction counts candidates with at least one visible
+    waypoint. Where the batch carries the evaluation-only ``label_noisy`` flags, two more
+    metrics let a run's gate precision and recall be read from its log (they are logged,
+    never used by the loss): label_noisy (share of noisy labels) and gate_fired_noisy
+    (share of scenes where the gate fired on a noisy label). With ``num_anchors`` K (the
+    last K candidates), anchor_is_best: the share of scenes whose best one is an anchor."""
     best = terms.reward.argmax(dim=1)
     flags = [e.get("label_noisy") for e in batch.get("eval", [])]
-    noisy = {}
+    optional = {}
     if flags and all(f is not None for f in flags):
         is_noisy = torch.tensor(flags, dtype=torch.bool, device=terms.reward.device)
-        noisy = {"label_noisy": is_noisy.float().mean(),
-                 "gate_fired_noisy": (terms.gate_fired & is_noisy).float().mean()}
+        optional = {"label_noisy": is_noisy.float().mean(),
+                    "gate_fired_noisy": (terms.gate_fired & is_noisy).float().mean()}
+    if num_anchors:
+        optional["anchor_is_best"] = (best >= terms.reward.shape[1] - num_anchors).float().mean()
     return {
-        **noisy,
+        **optional,
         "label_beaten": beaten.float().mean(),
         "reward_mean": terms.reward.mean(),
         "reward_best": terms.reward.max(dim=1).values.mean(),

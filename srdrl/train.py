@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from srdrl.anchors import anchor_vocabulary
+from srdrl.anchors import records_vocabulary
 from srdrl.checkpoint import (
     export_policy,
     load_checkpoint,
@@ -200,25 +200,22 @@ def check_same_optimizer(loaded: dict, optimizer: str) -> None:
                         f"{optimizer}; resume with --optimizer {saved}")
 
 
-def training_anchors(dataset: JsonlDataset, policy: VLAPolicy, k: int, train_path, rank: int
-                     ) -> torch.Tensor | None:
-    """The anchor vocabulary (k, 64, 2) of the training labels, or None when k is 0. Every
-    rank computes the same one (deterministic), and so does a resumed run."""
+def training_anchors(dataset: JsonlDataset, policy: VLAPolicy, k: int, train_path, rank: int,
+                     device: torch.device) -> torch.Tensor | None:
+    """The anchor vocabulary (k, 64, 2) of the training labels on ``device`` (moved once,
+    not every step), or None when k is 0. Every rank computes the same one
+    (deterministic), and so does a resumed run."""
     if k == 0:
         return None
     if len(dataset) < k:
         raise UserError(f"{train_path}: --num_anchors {k} needs at least {k} training "
                         f"scenes, the file has {len(dataset)}")
-    labels = torch.stack([torch.as_tensor(r["trajectory"], dtype=torch.float64)
-                          for r in dataset.records])
-    histories = torch.stack([torch.as_tensor(r["ego_history_xyz"], dtype=torch.float64)
-                             for r in dataset.records])
     start = time.perf_counter()
-    anchors = anchor_vocabulary(labels, histories, policy.action_space, k)
+    anchors = records_vocabulary(dataset.records, policy.action_space, k)
     if rank == 0:
         print(f"anchors: {k} k-means centres of {len(dataset)} labels' actions "
               f"({time.perf_counter() - start:.1f} s)")
-    return anchors
+    return anchors.to(device)
 
 
 def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
@@ -266,7 +263,8 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
             print(f"Liger kernels: {fused}")
     if cfg.gradient_checkpointing:
         set_vlm_gradient_checkpointing(policy)
-    anchors = training_anchors(dataset, policy, objective.num_anchors, train_path, rank)
+    anchors = training_anchors(dataset, policy, objective.num_anchors, train_path, rank,
+                               device)
     module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage,
                          zero3_gather_expert_whole=cfg.zero3_gather_expert_whole,
                          zero3_gather_vlm_layers_whole=cfg.zero3_gather_vlm_layers_whole,
