@@ -6,19 +6,13 @@ sit at the end of the vocabulary. The Alpamayo-R1 folder is written here from th
 facts alone: ``vlm.*`` from transformers' Qwen3-VL, ``expert.*`` from transformers' own text
 decoder built from the text config with ``expert_cfg`` (without ``embed_tokens``), the
 action-in projection's names listed from the release's structure, two shards and an index.
-Each layout is loaded, trained two steps, exported and reloaded bit for bit.
-
-Where the release's source is on disk (``SRDRL_ALPAMAYO_SRC`` = its ``src`` folder; it is
-never downloaded) its own ``PerWaypointActionInProjV2`` and ``FlowMatching`` are compared
-too; the expert is always compared with transformers' text decoder, the class the release
-instantiates.
+Each layout is loaded, trained two steps, exported and reloaded bit for bit. Parity with
+the release's modules is in test_release_parity.py.
 """
 
 import copy
-import importlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +23,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModel,
-    DynamicCache,
     PreTrainedTokenizerFast,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
@@ -43,8 +36,10 @@ from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
 from srdrl.objective import ConsistencyHeads, srdrl_loss
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
 from srdrl.policy.formats import CheckpointError, detect_layout
-from srdrl.policy.model import _CACHE_KWARG, _ROPE_INDEX_TAKES_TYPES, flow_times
 from srdrl.policy.tokenizer import SPECIAL_TOKENS, TRAJ_TOKENS, special_token_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from release_source import RELEASE_SRC, release_module  # noqa: E402
 
 QWEN_SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
@@ -191,20 +186,6 @@ def write_alpamayo(folder: Path, qwen: Path) -> dict[str, torch.Tensor]:
                              "UnicycleAccelCurvatureActionSpace", **stats},
         "keep_same_dtype": True, "expert_non_causal_attention": True}))
     return tensors
-
-
-RELEASE_SRC = os.environ.get("SRDRL_ALPAMAYO_SRC")
-
-
-def release_module(name: str):
-    """A module of the release's source tree (its ``src`` folder in SRDRL_ALPAMAYO_SRC)."""
-    if RELEASE_SRC not in sys.path:
-        sys.path.insert(0, RELEASE_SRC)
-    return importlib.import_module(name)
-
-
-needs_release = pytest.mark.skipif(not RELEASE_SRC, reason="SRDRL_ALPAMAYO_SRC not set: the "
-                                   "release's source is not on disk")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -475,89 +456,3 @@ def test_auto_classes_and_push_to_hub(folders, monkeypatch, tmp_path):
     assert url.endswith("me/policy/commit/1")
     assert calls["repo"] == ("me/policy", True, True) and calls["token"] == "t"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(calls["files"])
-
-
-# --------------------------------------------------------------------------- release parity
-
-
-def test_expert_matches_transformers_text_decoder_with_vlm_cache(batch):
-    """The release's expert is transformers' Qwen3-VL text decoder fed the VLM's cache, with
-    action token k at text position P + k and no causal mask. srdrl's expert (prefix keys
-    shifted by -P, action tokens rotated by k) must give the same hidden states."""
-    torch.manual_seed(0)
-    config = PolicyConfig.tiny(expert_num_attention_heads=4)
-    policy = VLAPolicy(config, build_tokenizer(config, TEXTS)).eval()
-    inputs = policy.build_inputs(batch)
-    x_t, t = torch.randn(2, 64, 2), torch.rand(2)
-    with torch.no_grad():
-        prefix = policy.encode_prefix(batch, inputs)
-        ours = policy.expert(policy.action_in_proj(x_t, t), policy.expert_context(prefix))
-
-        # the release's way: its text decoder class, our weights, the VLM's own cache
-        text = copy.deepcopy(policy.vlm.config.text_config)
-        text.hidden_size, text.intermediate_size = (config.expert_hidden_size,
-                                                    config.expert_intermediate_size)
-        expert = Qwen3VLTextModel(text).eval()
-        del expert.embed_tokens
-        expert.load_state_dict(policy.expert.state_dict(), strict=True)
-        model = policy.vlm.model
-        rope = dict(image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask)
-        if _ROPE_INDEX_TAKES_TYPES:
-            rope["mm_token_type_ids"] = inputs.mm_token_type_ids
-        position_ids, _ = model.get_rope_index(inputs.input_ids, **rope)  # (3, B, L)
-        cache = DynamicCache()
-        model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-              position_ids=position_ids, pixel_values=inputs.pixel_values,
-              image_grid_thw=inputs.image_grid_thw, mm_token_type_ids=inputs.mm_token_type_ids,
-              use_cache=True, **{_CACHE_KWARG: cache})
-        start = position_ids.masked_fill(~inputs.attention_mask.bool(), 0).amax(dim=(0, 2)) + 1
-        positions = (start[:, None] + torch.arange(64)).unsqueeze(0).expand(3, -1, -1)
-        length = inputs.input_ids.shape[1]
-        mask = torch.zeros(2, 1, 64, length + 64)
-        mask[..., :length] = torch.where(inputs.attention_mask.bool(), 0.0, float("-inf"))[
-            :, None, None]
-        theirs = expert(inputs_embeds=policy.action_in_proj(x_t, t), position_ids=positions,
-                        attention_mask=mask, use_cache=True, **{_CACHE_KWARG: cache})
-    torch.testing.assert_close(ours, theirs.last_hidden_state, atol=2e-5, rtol=1e-4)
-
-
-def test_beta_flow_times_have_the_release_distribution():
-    """t = 0.999 (1 - s), s ~ Beta(1.5, 1): the inverse-CDF draw against torch's sampler."""
-    n = 200_000
-    ours = flow_times(torch.rand(n, generator=torch.Generator().manual_seed(0)), "beta")
-    torch.manual_seed(1)
-    beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0)).sample((n,))
-    theirs = 0.999 - beta * 0.999
-    q = torch.linspace(0.01, 0.99, 50)
-    assert torch.allclose(ours.quantile(q), theirs.quantile(q), atol=6e-3)
-    assert ours.max() <= 0.999 and ours.min() >= 0  # never exactly data
-    assert torch.equal(flow_times(ours, "uniform"), ours)
-
-
-@needs_release
-def test_action_in_proj_matches_the_release_module():
-    release = release_module("alpamayo_r1.models.action_in_proj")
-    theirs = release.PerWaypointActionInProjV2(in_dims=[64, 2], out_dim=48, num_enc_layers=3,
-                                               hidden_size=32, max_freq=100.0,
-                                               num_fourier_feats=20)
-    config = PolicyConfig.tiny(expert_hidden_size=48, action_in_num_layers=3,
-                               action_in_hidden_size=32, fourier_frequencies=10,
-                               fourier_min_frequency=1.0, fourier_max_frequency=100.0)
-    from srdrl.policy.action_proj import build_action_in_proj
-
-    ours = build_action_in_proj(config)
-    ours.load_state_dict(theirs.state_dict(), strict=True)  # same names and shapes
-    x, t = torch.randn(5, 64, 2) * 2, torch.rand(5)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, t), theirs(x, t.view(5, 1, 1)), atol=1e-5, rtol=1e-5)
-
-
-@needs_release
-def test_flow_times_match_the_release_flow_matching():
-    release = release_module("alpamayo_r1.diffusion.flow_matching")
-    fm = release.FlowMatching(x_dims=[64, 2])
-    torch.manual_seed(0)
-    theirs = fm.construct_training_data(torch.zeros(100_000, 64, 2))["timesteps"].flatten()
-    ours = flow_times(torch.rand(100_000, generator=torch.Generator().manual_seed(3)), "beta")
-    q = torch.linspace(0.01, 0.99, 50)
-    assert torch.allclose(ours.quantile(q), theirs.quantile(q), atol=8e-3)
