@@ -3,7 +3,8 @@
 Variants: the original Python/OpenCV loop (reference, on the CPU, timed on a subset of
 scenes and scaled to the batch), Kornia (batched torch ops on the GPU), the fused Triton
 kernels called eagerly, and the same replayed from a CUDA graph (reference colour computed
-in the call, and given). Each variant is checked against the reference on the timed inputs
+in the call, and given; every crop on the masked row walk, without the interior fast path;
+other row-loop unroll factors). Each variant is checked against the reference on the timed inputs
 before it is timed. Timing: CUDA events around single calls after warm-up, L2 flushed
 before each call (a scoring call follows a training step, so its inputs are cold), median
 and 20/80 % quantiles.
@@ -45,6 +46,8 @@ def parse_args():
     p.add_argument("--reference-scenes", type=int, default=1,
                    help="scenes the OpenCV loop is timed and checked on (then scaled)")
     p.add_argument("--no-flush", action="store_true", help="keep L2 warm between calls")
+    p.add_argument("--row-unroll-sweep", type=int, nargs="*", default=[2, 8],
+                   help="also time the graph call with these row-loop unroll factors")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -121,9 +124,10 @@ def peak_extra_memory(fn):
 
 def run_case(name, shape, args, timer, bandwidth, launch_graph_s):
     import torch
+    from srdrl.kernels import path_safety_triton as kernel_module
     from srdrl.kernels.path_safety_common import reference_colour
     from srdrl.kernels.path_safety_kornia import path_safety_kornia
-    from srdrl.kernels.path_safety_triton import allocate_outputs, path_safety_triton
+    from srdrl.kernels.path_safety_triton import ROW_UNROLL, allocate_outputs, path_safety_triton
     from srdrl.kernels.reference import path_safety_reference
 
     B, N, T = shape
@@ -152,6 +156,9 @@ def run_case(name, shape, args, timer, bandwidth, launch_graph_s):
     def triton_given():
         return path_safety_triton(**inputs, patch_size=P, ref_rgb=ref_rgb, out=out_given)
 
+    def triton_masked():
+        return path_safety_triton(**inputs, patch_size=P, out=out, interior_fast_path=False)
+
     patches = B * N * T
     patch_bytes = patches * P * P * 3
     floor_s = patch_bytes / bandwidth + launch_graph_s
@@ -170,16 +177,24 @@ def run_case(name, shape, args, timer, bandwidth, launch_graph_s):
     for label, fn in (("kornia", kornia), ("triton", triton)):
         result = fn()
         measure(label, fn, result, peak_extra_memory(fn))
-    for label, fn, buffers in (("triton graph", triton, out),
-                               ("triton graph ref given", triton_given, out_given)):
-        fn()  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
+    graph_variants = [("triton graph", triton, out, ROW_UNROLL),
+                      ("triton graph ref given", triton_given, out_given, ROW_UNROLL),
+                      ("triton graph masked walk", triton_masked, out, ROW_UNROLL)]
+    graph_variants += [(f"triton graph unroll {u}", triton, out, u)
+                       for u in args.row_unroll_sweep if u != ROW_UNROLL]
+    for label, fn, buffers, unroll in graph_variants:
+        kernel_module.ROW_UNROLL = unroll  # read at launch, so at compile and capture
+        try:
+            fn()  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
 
-        def capture(graph=graph, fn=fn):
-            with torch.cuda.graph(graph):
-                fn()
+            def capture(graph=graph, fn=fn):
+                with torch.cuda.graph(graph):
+                    fn()
 
-        memory = peak_extra_memory(capture)  # the graph's private pool
+            memory = peak_extra_memory(capture)  # the graph's private pool
+        finally:
+            kernel_module.ROW_UNROLL = ROW_UNROLL
         for x in buffers[:3]:
             x.fill_(float("nan"))
         graph.replay()

@@ -8,9 +8,10 @@ sums, so the whole call can be captured in a CUDA graph:
    of each scene's bottom-centre region.
 2. ``_patch_statistics_kernel``, one program (one warp) per waypoint, grid B*N*T: project
    the point in float64 from K and T (in srdrl.camera's order), walk its clipped P x P
-   crop row by row, and keep the Laplacian's integer moments and the colour sums in
-   registers; write variance, colour distance (against the reference colour summed from
-   the partials) and visibility.
+   crop row by row (unmasked when the crop lies wholly inside the image, the common case;
+   masked row by row when the border clips it), and keep the Laplacian's integer moments
+   and the colour sums in registers; write variance, colour distance (against the
+   reference colour summed from the partials) and visibility.
 3. ``_candidate_safety_kernel``: per candidate, masked means over T -> safety.
 
 Why per-waypoint programs and a second pass rather than one program per candidate: at the
@@ -34,6 +35,13 @@ with the Laplacian as two tensor-core products (L = A G + G A^T, exact in fp16) 
 instructions per pixel on layout conversions (1.4 ms at B=64); the row walk fully unrolled
 held 186 registers per thread (340 us against 130 us unrolled by 4); splitting a patch's
 rows over several warps added halo loads and per-row index work (300+ us).
+
+The interior walk: the masked walk spends ~36 SASS instructions per crop row (sm_90,
+Triton 3.9: predicated loads, register zeroing, selects for the row and lane masks, 64-bit
+row compares); a crop wholly inside the image needs none of them and its walk is ~21 per
+row (counted in the compiled loop bodies). The kernel issues instructions at about that
+rate: 65536 waypoints x 32 rows x 36 instructions is ~140K cycles per SM of an H200, about
+half the large case's 136 us. Most crops are interior, so they take the short walk.
 
 Projection: from K and T inside the kernel (21 scalar loads, a few float64 operations per
 waypoint) rather than from a K @ T precomputed with torch: that bmm and its casts measured
@@ -90,6 +98,90 @@ def _laplacian_row(i, pixel, row_bytes, j, rows, cols, west, east, prev, cur, la
     lap = tl.where(j < tl.where(i < rows, cols, 0), prev + down + across - 4 * cur, 0)
     return (nxt, lap_sum + lap, lap_sq_sum + lap * lap, sum_red + red, sum_green + green,
             sum_blue + blue)
+
+
+@triton.jit
+def _moments(lap_sum, lap_sq_sum, sum_red, sum_green, sum_blue):
+    """A crop's sums over the lanes: sum(L) (int64), sum(L^2) (int64), sums of R, G, B."""
+    return (tl.sum(lap_sum).to(tl.int64), tl.sum(lap_sq_sum.to(tl.int64)), tl.sum(sum_red),
+            tl.sum(sum_green), tl.sum(sum_blue))
+
+
+@triton.jit
+def _clipped_moments(pixel, row_bytes, j, rows, cols, PATCH: tl.constexpr,
+                     ROW_UNROLL: tl.constexpr, W_RED: tl.constexpr, W_GREEN: tl.constexpr,
+                     W_BLUE: tl.constexpr, SHIFT: tl.constexpr):
+    """Laplacian moments and colour sums of a crop of ``rows`` x ``cols`` <= PATCH (clipped
+    by the image border; no rows for an invisible point), every row and lane masked."""
+    west = _reflect101(j - 1, cols)  # reflect-101 neighbour columns: -1 -> 1, w -> w - 2
+    east = _reflect101(j + 1, cols)
+    # Row 0, peeled out of the loop: its upper neighbour reflects to row 1, like the lower
+    # one (a 1-row crop reflects onto itself). An earlier loop that chose the upper row
+    # with tl.where(i > 0, ...) was right in the interpreter but wrong compiled (Triton
+    # 3.6, H100); the tests on CUDA would catch a regression.
+    cur, sum_red, sum_green, sum_blue = _load_gray_row(
+        pixel, j < tl.where(rows > 0, cols, 0), W_RED, W_GREEN, W_BLUE, SHIFT)
+    nxt, red, green, blue = _load_gray_row(
+        pixel + row_bytes, j < tl.where(rows > 1, cols, 0), W_RED, W_GREEN, W_BLUE, SHIFT)
+    down = tl.where(rows > 1, nxt, cur)
+    across = tl.gather(cur, west, 0) + tl.gather(cur, east, 0)
+    lap_sum = tl.where(j < tl.where(rows > 0, cols, 0), 2 * down + across - 4 * cur, 0)
+    lap_sq_sum = lap_sum * lap_sum  # <= PATCH * 1020^2 per lane: fits int32
+    sum_red += red
+    sum_green += green
+    sum_blue += blue
+    prev = cur
+    cur = nxt
+    # A row loop unrolled ROW_UNROLL times: enough rows in flight per warp to hide the
+    # load latency at ~55 registers (a full unroll held 186 and ran at 2.6x the time).
+    for i in tl.range(1, PATCH, loop_unroll_factor=ROW_UNROLL):
+        cur_next, lap_sum, lap_sq_sum, sum_red, sum_green, sum_blue = _laplacian_row(
+            i, pixel, row_bytes, j, rows, cols, west, east, prev, cur, lap_sum, lap_sq_sum,
+            sum_red, sum_green, sum_blue, W_RED, W_GREEN, W_BLUE, SHIFT)
+        prev = cur
+        cur = cur_next
+    return _moments(lap_sum, lap_sq_sum, sum_red, sum_green, sum_blue)
+
+
+@triton.jit
+def _interior_moments(pixel, row_bytes, j, PATCH: tl.constexpr, ROW_UNROLL: tl.constexpr,
+                      W_RED: tl.constexpr, W_GREEN: tl.constexpr, W_BLUE: tl.constexpr,
+                      SHIFT: tl.constexpr):
+    """:func:`_clipped_moments` of a whole PATCH x PATCH crop (PATCH >= 3) inside the
+    image: the same sums with no per-row masks or selects. Only lanes >= PATCH (when the
+    lane count is the next power of two above it) are masked, by a compile-time mask."""
+    lane = j < PATCH
+    west = _reflect101(j - 1, PATCH)
+    east = _reflect101(j + 1, PATCH)
+    cur, sum_red, sum_green, sum_blue = _load_gray_row(pixel, lane, W_RED, W_GREEN, W_BLUE,
+                                                       SHIFT)
+    nxt, red, green, blue = _load_gray_row(pixel + row_bytes, lane, W_RED, W_GREEN, W_BLUE,
+                                           SHIFT)
+    # row 0: its upper neighbour reflects to row 1
+    lap_sum = tl.where(lane, 2 * nxt + tl.gather(cur, west, 0) + tl.gather(cur, east, 0)
+                       - 4 * cur, 0)
+    lap_sq_sum = lap_sum * lap_sum
+    sum_red += red
+    sum_green += green
+    sum_blue += blue
+    prev = cur
+    cur = nxt
+    for i in tl.range(1, PATCH - 1, loop_unroll_factor=ROW_UNROLL):
+        nxt, red, green, blue = _load_gray_row(pixel + (i + 1) * row_bytes, lane, W_RED,
+                                               W_GREEN, W_BLUE, SHIFT)
+        lap = tl.where(lane, prev + nxt + tl.gather(cur, west, 0) + tl.gather(cur, east, 0)
+                       - 4 * cur, 0)
+        lap_sum += lap
+        lap_sq_sum += lap * lap
+        sum_red += red
+        sum_green += green
+        sum_blue += blue
+        prev = cur
+        cur = nxt
+    # the last row: its lower neighbour reflects to the row above
+    lap = tl.where(lane, 2 * prev + tl.gather(cur, west, 0) + tl.gather(cur, east, 0)
+                   - 4 * cur, 0)
+    return _moments(lap_sum + lap, lap_sq_sum + lap * lap, sum_red, sum_green, sum_blue)
 
 
 @triton.jit(do_not_specialize=["height", "width", "row0", "col0", "region_rows",
@@ -166,6 +258,7 @@ def _patch_statistics_kernel(
     ROW_UNROLL: tl.constexpr,  # unroll factor of the row loop
     REF_GIVEN: tl.constexpr,
     GROUP_BLOCK: tl.constexpr,  # power of two >= G
+    INTERIOR_FAST_PATH: tl.constexpr,  # crops inside the image skip the masks (PATCH >= 3)
     MIN_Z: tl.constexpr,
     W_RED: tl.constexpr,
     W_GREEN: tl.constexpr,
@@ -204,50 +297,33 @@ def _patch_statistics_kernel(
     cols = tl.minimum(left + PATCH, width) - col0
 
     j = tl.arange(0, BLOCK)  # crop column, one per lane
-    west = _reflect101(j - 1, cols)  # reflect-101 neighbour columns: -1 -> 1, w -> w - 2
-    east = _reflect101(j + 1, cols)
     row_bytes = width * 3
     pixel = image_ptr + scene.to(tl.int64) * height * row_bytes + (row0 * width + col0 + j) * 3
-
-    # Row 0, peeled out of the loop: its upper neighbour reflects to row 1, like the lower
-    # one (a 1-row crop reflects onto itself). An earlier loop that chose the upper row
-    # with tl.where(i > 0, ...) was right in the interpreter but wrong compiled (Triton
-    # 3.6, H100); the tests on CUDA would catch a regression.
-    cur, sum_red, sum_green, sum_blue = _load_gray_row(
-        pixel, j < tl.where(rows > 0, cols, 0), W_RED, W_GREEN, W_BLUE, SHIFT)
-    nxt, red, green, blue = _load_gray_row(
-        pixel + row_bytes, j < tl.where(rows > 1, cols, 0), W_RED, W_GREEN, W_BLUE, SHIFT)
-    down = tl.where(rows > 1, nxt, cur)
-    across = tl.gather(cur, west, 0) + tl.gather(cur, east, 0)
-    lap_sum = tl.where(j < tl.where(rows > 0, cols, 0), 2 * down + across - 4 * cur, 0)
-    lap_sq_sum = lap_sum * lap_sum  # <= PATCH * 1020^2 per lane: fits int32
-    sum_red += red
-    sum_green += green
-    sum_blue += blue
-    prev = cur
-    cur = nxt
-    # A row loop unrolled ROW_UNROLL times: enough rows in flight per warp to hide the
-    # load latency at ~55 registers (a full unroll held 186 and ran at 2.6x the time).
-    for i in tl.range(1, PATCH, loop_unroll_factor=ROW_UNROLL):
-        cur_next, lap_sum, lap_sq_sum, sum_red, sum_green, sum_blue = _laplacian_row(
-            i, pixel, row_bytes, j, rows, cols, west, east, prev, cur, lap_sum, lap_sq_sum,
-            sum_red, sum_green, sum_blue, W_RED, W_GREEN, W_BLUE, SHIFT)
-        prev = cur
-        cur = cur_next
+    # A crop wholly inside the image (most of them) takes the unmasked walk; the branch is
+    # uniform over the warp (one waypoint per program). Without the fast path the condition
+    # is a compile-time False and only the masked walk is compiled.
+    interior = (rows == PATCH) & (cols == PATCH)
+    if not INTERIOR_FAST_PATH:
+        interior = False
+    if interior:
+        s1, s2, total_red, total_green, total_blue = _interior_moments(
+            pixel, row_bytes, j, PATCH, ROW_UNROLL, W_RED, W_GREEN, W_BLUE, SHIFT)
+    else:
+        s1, s2, total_red, total_green, total_blue = _clipped_moments(
+            pixel, row_bytes, j, rows, cols, PATCH, ROW_UNROLL, W_RED, W_GREEN, W_BLUE,
+            SHIFT)
 
     # Population variance from exact integer moments: n * sum(L^2) - sum(L)^2 is exact in
     # int64, so nothing cancels and the result is the correctly rounded variance (a float
     # two-pass mean-then-deviations would only approximate it).
     count = tl.maximum(rows * cols, 1)
-    s1 = tl.sum(lap_sum).to(tl.int64)
-    s2 = tl.sum(lap_sq_sum.to(tl.int64))
     n = count.to(tl.int64)
     variance = ((n * s2 - s1 * s1).to(tl.float64) / (n * n).to(tl.float64)).to(tl.float32)
 
     count_f = count.to(tl.float32)
-    d_red = tl.sum(sum_red).to(tl.float32) / count_f - ref_red
-    d_green = tl.sum(sum_green).to(tl.float32) / count_f - ref_green
-    d_blue = tl.sum(sum_blue).to(tl.float32) / count_f - ref_blue
+    d_red = total_red.to(tl.float32) / count_f - ref_red
+    d_green = total_green.to(tl.float32) / count_f - ref_green
+    d_blue = total_blue.to(tl.float32) / count_f - ref_blue
     distance = tl.sqrt(d_red * d_red + d_green * d_green + d_blue * d_blue) / 255.0
 
     tl.store(variance_ptr + waypoint, tl.where(seen, variance, 0.0))
@@ -319,11 +395,14 @@ def path_safety_triton(
     colour_scale: float = 0.5,
     ref_rgb: torch.Tensor | None = None,
     out: PathSafety | None = None,
+    interior_fast_path: bool = True,
 ) -> PathSafety:
     """:func:`srdrl.kernels.path_safety` with the fused kernels; inputs already validated.
 
     ``out``: preallocated outputs (see :func:`allocate_outputs`) to write into, e.g. the
-    static buffers of a CUDA graph; every element is written.
+    static buffers of a CUDA graph; every element is written. ``interior_fast_path``: crops
+    wholly inside the image take an unmasked row walk (False: every crop takes the masked
+    one; the benchmark times both, the tests check both against the reference).
     """
     B, H, W, _ = images.shape
     N, T = trajectories.shape[1:3]
@@ -361,6 +440,7 @@ def path_safety_triton(
         PATCH=patch_size, BLOCK=triton.next_power_of_2(patch_size), ROW_UNROLL=ROW_UNROLL,
         REF_GIVEN=ref_rgb is not None,
         GROUP_BLOCK=triton.next_power_of_2(groups), MIN_Z=MIN_DEPTH,
+        INTERIOR_FAST_PATH=interior_fast_path and patch_size >= 3,
         W_RED=GRAY_WEIGHTS[0], W_GREEN=GRAY_WEIGHTS[1], W_BLUE=GRAY_WEIGHTS[2],
         SHIFT=GRAY_SHIFT, num_warps=max(1, triton.next_power_of_2(patch_size) // 64),
     )

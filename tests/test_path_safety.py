@@ -204,6 +204,25 @@ def test_given_reference_colour(backend):
     assert_matches(run_backend(backend, scenes, expected, ref_rgb=ref_rgb, patch_size=5), expected)
 
 
+@pytest.mark.parametrize("interior_fast_path", [True, False], ids=["fast", "masked"])
+@pytest.mark.parametrize("patch_size", [3, 8])
+def test_triton_interior_and_clipped_crops(interior_fast_path, patch_size):
+    # Both row walks of the patch kernel against the reference, on scenes that hold crops
+    # wholly inside the image (the unmasked walk) and crops clipped by every border.
+    scenes = make_scenes(2, 3, 12, 40, 60, seed=21 + patch_size)
+    uv, z = project_points(scenes["trajectories"].double(), scenes["K"],
+                           scenes["T_cam_from_ego"])
+    centre = torch.floor(uv + 0.5)
+    half = patch_size // 2
+    inside = ((centre - half >= 0).all(-1) & (centre[..., 0] - half + patch_size <= 60)
+              & (centre[..., 1] - half + patch_size <= 40) & visible(uv, z, 60, 40))
+    assert inside.sum() >= 10 and (visible(uv, z, 60, 40) & ~inside).sum() >= 10
+    expected = reference(scenes, patch_size=patch_size, texture_scale=3000.0)
+    assert_matches(run_backend("triton", scenes, expected, patch_size=patch_size,
+                               texture_scale=3000.0, interior_fast_path=interior_fast_path),
+                   expected)
+
+
 def test_triton_reference_colour_from_several_row_groups():
     # 100x700: the bottom-centre region (20 x 140 px) is summed by 2 programs per scene.
     scenes = make_scenes(2, 1, 5, 100, 700, seed=16, specials=False, blind_candidate=False)
