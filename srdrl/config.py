@@ -231,12 +231,13 @@ class TrainConfig:
     ZeRO-3 step of the bench preset is 1.90x faster with it on one H200
     (benchmarks/RESULTS.md); losses are unchanged (tests/test_engine.py).
     --no_zero3_gather_expert_whole gathers submodule by submodule."""
-    zero3_gather_vlm_layers_whole: bool = False
+    zero3_gather_vlm_layers_whole: bool | None = None
     """At ZeRO-3, gather each VLM decoder layer and vision block as one unit per call (ZeRO-3
-    leaf modules) instead of submodule by submodule. Off by default until its step time is
-    measured on GPUs (losses are unchanged, tests/test_engine.py). Not with
-    --gradient_checkpointing, whose key/value recomputation calls a layer's projections
-    outside the layer's own forward."""
+    leaf modules) instead of submodule by submodule. The bench preset's ZeRO-3 step is 1.60x
+    faster with it on one H200 (benchmarks/RESULTS.md); losses are unchanged
+    (tests/test_engine.py). Unset (the default): on, unless --gradient_checkpointing is set,
+    whose key/value recomputation calls a layer's projections outside the layer's own
+    forward; 'true' or 'false' sets it (true with --gradient_checkpointing is an error)."""
     optimizer: str = OPTIMIZERS[0]
     """Which AdamW steps the parameters: deepspeed_adamw (DeepSpeed builds it from the config's
     optimizer block; torch's foreach AdamW with torch_adam) or torch_fused_adamw (torch's
@@ -319,6 +320,8 @@ class TrainConfig:
             raise ValueError("num_train_epochs must be > 0 when max_steps is -1")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.zero3_gather_vlm_layers_whole is None:
+            self.zero3_gather_vlm_layers_whole = not self.gradient_checkpointing
         if self.zero3_gather_vlm_layers_whole and self.gradient_checkpointing:
             raise ValueError("zero3_gather_vlm_layers_whole cannot be used with "
                              "gradient_checkpointing (its key/value recomputation calls a "

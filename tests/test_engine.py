@@ -133,3 +133,9 @@ def test_zero3_gathers_vlm_layers_whole_with_the_same_losses(group, monkeypatch,
 def test_vlm_layers_whole_refuses_gradient_checkpointing():
     with pytest.raises(ValueError, match="cannot be used with gradient_checkpointing"):
         TrainConfig(zero3_gather_vlm_layers_whole=True, gradient_checkpointing=True)
+
+
+def test_vlm_layers_whole_default_follows_gradient_checkpointing():
+    assert TrainConfig().zero3_gather_vlm_layers_whole is True
+    assert TrainConfig(gradient_checkpointing=True).zero3_gather_vlm_layers_whole is False
+    assert TrainConfig(zero3_gather_vlm_layers_whole=False).zero3_gather_vlm_layers_whole is False
