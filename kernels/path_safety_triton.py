@@ -27,10 +27,10 @@ neighbouring lanes with ``tl.gather`` within the warp, which lowers to two shuff
 4-neighbourhood costs no reloads. The variance comes from the Laplacian's integer moments,
 exact in int64 (see the kernel).
 
-Measured on an H100 (benchmarks/bench_path_safety.py, L2 flushed before each call, CUDA
-graph): B=8, N=4, T=64, P=32 on 1280x720 frames in 15.5 us (12.5 us with ``ref_rgb``
-given); B=64, N=16, T=64 in 137 us, 49 % of the device copy bandwidth on the patch bytes
-(126 us, 53 %, with ``ref_rgb``). Versions that measured worse: a 32x32 tile per program
+Measured on an H200 (benchmarks/bench_path_safety.py, L2 flushed before each call, CUDA
+graph): B=8, N=4, T=64, P=32 on 1280x720 frames in 14.7 us; B=64, N=16, T=64 in 100.7 us,
+46.8 % of the device copy bandwidth on the patch bytes (the masked walk alone: 135.2 us,
+34.8 %). Versions that measured worse (on an H100, before the interior walk): a 32x32 tile per program
 with the Laplacian as two tensor-core products (L = A G + G A^T, exact in fp16) spent ~200
 instructions per pixel on layout conversions (1.4 ms at B=64); the row walk fully unrolled
 held 186 registers per thread (340 us against 130 us unrolled by 4); splitting a patch's
@@ -58,8 +58,10 @@ from srdrl.camera import MIN_DEPTH
 
 from .path_safety_common import GRAY_SHIFT, GRAY_WEIGHTS, PathSafety, reference_region
 
-ROW_UNROLL = 4
-"""Unroll factor of the loop over a patch's rows (measured best of 2, 4, 8 on an H100)."""
+ROW_UNROLL = 8
+"""Unroll factor of the loops over a patch's rows: best of 2, 4, 8, 12, 16 with the interior
+walk on an H200 (large case 100.7 us at 8, 106.7 at 4, 104.6 at 16; small case 14.7 us at
+4 and 8); 4 was best of 2, 4, 8 on an H100 before the interior walk existed."""
 
 
 @triton.jit
