@@ -23,7 +23,9 @@ Finished steps are skipped on a rerun (a policy's weights or a report already th
 fine-tuning chain whose last test evaluation is there is skipped whole, so its policy need
 not be kept), so a run cut short by a time limit continues where it stopped. Writes
 OUT/results.json and OUT/table.md. Scales: ``smoke`` (checks the pipeline), ``session``
-(one GPU, about half an hour: arms fixed in advance, no validation stage), ``full``.
+(one GPU, about half an hour: arms fixed in advance, no validation stage),
+``session_choice`` (the session scale with srdrl_best chosen on validation among three
+candidates, tested on a fresh test set; about two 10-minute calls), ``full``.
 """
 
 from __future__ import annotations
@@ -73,23 +75,47 @@ SCALES = {
                  base_steps=6000, base_batch=4, base_lr=1e-3, steps=1000, batch=4, lr=3e-4,
                  eval_samples=4, variants=["v1", "v2"], resamples=4000, min_test_in_path=300),
 }
+# the session scale's arms, with srdrl_best chosen on validation among candidates taken
+# from that scale's table, and a test set of a generator seed no run has been tested on
+SCALES["session_choice"] = dict(
+    SCALES["session"], variants=["v1", "anchors", "anchors_without_label_baseline"],
+    data_seeds={"test": 404}, arm_levels={"supervised": [0.0, 0.3], "srdrl_seed": [0.3]})
 DATA_SEEDS = {"source": 101, "target": 202, "test": 303}
+"""Generator seeds of the data sets; a scale's ``data_seeds`` overrides them."""
 TRAIN_PICTURES = 8
 """Scenes drawn from the first base's evaluation on its own (noisy) training scenes."""
 ABLATION_NOISE = 0.3
 FIXED_ARMS = {"supervised": ["--rl_loss_weight", "0"], "srdrl_seed": []}
-# settings shared by every part, tried on validation at ABLATION_NOISE
-VARIANTS = {"v1": [], "v2": ["--rl_loss_weight", "2", "--num_trajectory_samples", "8"]}
+# configurations of srdrl_best tried on validation at ABLATION_NOISE: (parts left out,
+# flags added). The anchors variants come from the session scale's table (docs/
+# EXPERIMENTS.md): anchors helped, the label-relative advantage hurt; choosing them from
+# that table would be choosing on its test split, so they compete on validation instead.
+VARIANTS = {"v1": ((), []),
+            "v2": ((), ["--rl_loss_weight", "2", "--num_trajectory_samples", "8"]),
+            "anchors": ((), ["--num_anchors", "16"]),
+            "anchors_without_label_baseline": (("label_baseline",), ["--num_anchors", "16"])}
 TABLE_METRICS = ("hazard_crossing_rate_in_path_scenes", "ade_hazard_free",
                  "reasoning_manoeuvre_accuracy", "reasoning_hazard_side_accuracy")
 
 
 def best_flags(variant: str, without: str | None = None) -> list[str]:
-    """Flags of srdrl_best in ``variant``, optionally with one part removed."""
+    """Flags of srdrl_best in ``variant``, optionally with one more part removed."""
+    removed, extra = VARIANTS[variant]
     flags = []
     for name, (on, off) in PARTS.items():
-        flags += off if name == without else on
-    return flags + VARIANTS[variant]
+        flags += off if name == without or name in removed else on
+    return flags + extra
+
+
+def ablations(variant: str) -> dict[str, list[str]]:
+    """``without_<part>`` arms of ``variant``: each part it has, removed in turn."""
+    return {f"without_{p}": best_flags(variant, without=p) for p in PARTS
+            if p not in VARIANTS[variant][0]}
+
+
+def candidate(variant: str) -> str:
+    """The arm name of a variant fine-tuned to be chosen on validation."""
+    return f"srdrl_best_{variant}"
 
 
 def parse_args(argv=None):
@@ -154,10 +180,10 @@ def make_data(runner: Runner, out: Path, s: dict) -> dict:
             "test": ("test", 0.0, s["test"] + 1, s["test"])}
     sets.update({f"target{n:g}": ("target", n, s["target"] + s["val"], s["val"])
                  for n in s["noise"]})
-    tasks = []
+    tasks, seeds = [], {**DATA_SEEDS, **s.get("data_seeds", {})}
     for name, (seed_of, noise, total, val) in sets.items():
         argv = ["--output_dir", str(out / "data" / name), "--num_scenes", str(total),
-                "--label_noise", str(noise), "--seed", str(DATA_SEEDS[seed_of]),
+                "--label_noise", str(noise), "--seed", str(seeds[seed_of]),
                 "--width", str(s["width"]), "--height", str(s["height"]),
                 "--val_fraction", repr(val / total)]
         tasks.append(("srdrl.data.synthetic", argv, out / "data" / name / "val.jsonl",
@@ -247,7 +273,7 @@ def _mean(values):
 def choose(out: Path, s: dict) -> tuple[str, dict]:
     """The variant with the lowest validation in-path crossing whose hazard-free ADE stays
     within 10% of supervised's (if none does, the lowest crossing, marked)."""
-    scores = {v: val_score(out, f"srdrl_best_{v}", s) for v in s["variants"]}
+    scores = {v: val_score(out, candidate(v), s) for v in s["variants"]}
     ref = val_score(out, "supervised", s)["ade_hazard_free"]
     ok = [v for v in scores if ref is None or (scores[v]["ade_hazard_free"] or 0) <= 1.1 * ref]
     pick = min(ok or scores, key=lambda v: scores[v]["hazard_crossing_rate_in_path_scenes"]
@@ -305,7 +331,7 @@ def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
             row["ratio_vs_clean_supervised"] = paired_bootstrap_ratio(
                 row["_crossing"], clean["_crossing"], resamples=s["resamples"])
         best = results.get(("srdrl_best", noise))
-        if (arm.startswith("without_") or arm in ADDITIONS) and best is not None:
+        if arm.startswith(("without_", "srdrl_best_")) and best is not None:
             row["ratio_vs_srdrl_best"] = paired_bootstrap_ratio(
                 row["_crossing"], best["_crossing"], resamples=s["resamples"])
     for row in results.values():
@@ -319,12 +345,26 @@ def _ratio_cell(r: dict | None) -> str:
     return f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
 
 
+def _choice_line(choice: dict) -> str:
+    if "validation" not in choice:
+        return f"chosen: {choice['chosen']}" + (f" ({choice['pending']})"
+                                                if "pending" in choice else "")
+    def num(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    scores = ", ".join(f"{v} {num(c['hazard_crossing_rate_in_path_scenes'])} / "
+                       f"{num(c['ade_hazard_free'])} m" for v, c in choice["validation"].items())
+    return (f"srdrl_best = {choice['chosen']}, chosen on validation (in-path crossing / "
+            f"hazard-free ADE: {scores}; supervised's ADE "
+            f"{num(choice['supervised_ade_hazard_free'])} m)")
+
+
 def markdown(results: dict, meta: dict) -> str:
     cols = [*TABLE_METRICS, "oracle_crossing_in_path (diagnostic)", "train_gt_is_best",
             "train_label_beaten", "train_gate_precision", "train_gate_recall",
             "train_noisy_left_behind (base 0)"]
     lines = [f"scale {meta['scale']}; test: {meta['data']['test_in_path_scenes']} in-path of "
-             f"{meta['data']['test_scenes']} scenes; chosen: {meta['choice']['chosen']}", "",
+             f"{meta['data']['test_scenes']} scenes; {_choice_line(meta['choice'])}", "",
              "| noise | arm | " + " | ".join(cols) + " | in-path crossing / supervised "
              "(95% CI) | / supervised at noise 0 (95% CI) | / srdrl_best (95% CI) |",
              "|---|---|" + "---|" * (len(cols) + 3)]
@@ -338,41 +378,80 @@ def markdown(results: dict, meta: dict) -> str:
 
 
 def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
-    """A scale whose arms are fixed before any run (``arm_levels``; srdrl_best is the one
-    variant): nothing to choose, so no validation stage. Each fine-tuning is chained with
-    its test evaluations, so a short run's core goes on to evaluate at once. The first
-    base's noisy fine-tunings are also evaluated on their own training scenes, with
-    pictures (``TRAIN_PICTURES``): which wrong labels the policy left behind, and which
-    not. That evaluation comes before the test ones, so a chain whose test evaluations are
-    done (carried from an earlier call without weights) is skipped without it."""
-    pick = s["variants"][0]
-    flags = {**FIXED_ARMS, "srdrl_best": best_flags(pick),
-             **{a: best_flags(pick) + extra for a, extra in ADDITIONS.items()},
-             **{f"without_{p}": best_flags(pick, without=p) for p in PARTS}}
-    levels, test = s["arm_levels"], out / "data/test/val.jsonl"
+    """A scale whose arms are fixed before any run (``arm_levels``). Each fine-tuning is
+    chained with its evaluations, so a short run's core goes on to evaluate at once and no
+    fine-tuned weights need to outlive the call. The first base's noisy fine-tunings are
+    also evaluated on their own training scenes, with pictures (``TRAIN_PICTURES``): which
+    wrong labels the policy left behind, and which not. That evaluation comes before the
+    test ones, so a chain whose test evaluations are done (carried from an earlier call
+    without weights) is skipped without it.
+
+    With one variant, it is srdrl_best, and its one-part-removed ablations and
+    ``ADDITIONS`` are arms. With several, each is a candidate arm at ``ABLATION_NOISE``,
+    also evaluated on the validation split (as is ``supervised`` there, for the ADE bound),
+    and :func:`choose` picks srdrl_best from the validation reports alone once every
+    candidate's are in; every candidate is evaluated on test in its chain all the same
+    (its weights are not kept), and the table marks which one was chosen."""
+    variants = s["variants"]
+    choosing = len(variants) > 1
+    if choosing:
+        flags = {**FIXED_ARMS, **{candidate(v): best_flags(v) for v in variants}}
+        levels = {**s["arm_levels"], **{candidate(v): [ABLATION_NOISE] for v in variants}}
+    else:
+        pick = variants[0]
+        flags = {**FIXED_ARMS, "srdrl_best": best_flags(pick),
+                 **{a: best_flags(pick) + extra for a, extra in ADDITIONS.items()},
+                 **ablations(pick)}
+        levels = s["arm_levels"]
+    test = out / "data/test/val.jsonl"
     if args.arms:  # a subset now (e.g. one device call's share); the rest on a later call
         unknown = sorted(set(args.arms) - set(levels))
         if unknown:
             raise SystemExit(f"--arms {' '.join(unknown)}: not arms of the {args.scale} scale "
                              f"({', '.join(levels)})")
-        levels = {a: n for a, n in levels.items() if a in args.arms}
+        run_levels = {a: n for a, n in levels.items() if a in args.arms}
+    else:
+        run_levels = levels
     chains = []
-    for arm, noises in levels.items():
+    for arm, noises in run_levels.items():
         for noise in noises:
             for b in s["base_seeds"]:
                 name = run_name(arm, noise, b)
-                own = out / "data" / f"target{noise:g}" / "train.jsonl"
-                on_train = ([eval_task(out, name, own, "train", 0, s, TRAIN_PICTURES,
-                                       oracle=False)]
+                target = out / "data" / f"target{noise:g}"
+                on_val = ([eval_task(out, name, target / "val.jsonl", "val", 0, s)]
+                          if choosing and noise == ABLATION_NOISE
+                          and (arm in map(candidate, variants) or arm == "supervised")
+                          else [])
+                on_train = ([eval_task(out, name, target / "train.jsonl", "train", 0, s,
+                                       TRAIN_PICTURES, oracle=False)]
                             if noise > 0 and b == s["base_seeds"][0] else [])
-                chains.append([finetune_task(out, s, arm, noise, b, flags[arm]), *on_train,
-                               *[eval_task(out, name, test, "test", e, s)
-                                 for e in s["eval_seeds"]]])
+                chains.append([finetune_task(out, s, arm, noise, b, flags[arm]), *on_val,
+                               *on_train, *[eval_task(out, name, test, "test", e, s)
+                                            for e in s["eval_seeds"]]])
     chains.sort(key=lambda c: "--rollout_reasoning" not in c[0][1])  # the slowest first
     runner.chains(chains)
-    return report(out, s, levels, {"scale": args.scale, "settings": s, "data": data,
-                                   "choice": {"chosen": pick},
-                                   "arms": {a: flags[a] for a in levels}})
+    choice = {"chosen": variants[0]}
+    if choosing:
+        ready = [candidate(v) for v in variants] + ["supervised"]
+        if not all((out / "runs" / run_name(a, ABLATION_NOISE, b) / "eval_val_seed0" /
+                    "eval_report.json").is_file() for a in ready for b in s["base_seeds"]):
+            choice = {"chosen": None, "pending": "validation reports of every candidate and "
+                                                 "of supervised are not all in yet"}
+        else:
+            pick, choice = choose(out, s)
+            link_chosen(out, s, pick)
+            run_levels = {**run_levels, "srdrl_best": [ABLATION_NOISE]}
+    return report(out, s, run_levels, {"scale": args.scale, "settings": s, "data": data,
+                                       "choice": choice,
+                                       "arms": {a: flags.get(a) for a in run_levels}})
+
+
+def link_chosen(out: Path, s: dict, pick: str) -> None:
+    """srdrl_best's runs at ABLATION_NOISE are the chosen variant's (symbolic links)."""
+    for b in s["base_seeds"]:
+        alias = out / "runs" / run_name("srdrl_best", ABLATION_NOISE, b)
+        if not alias.exists():
+            alias.symlink_to(run_name(candidate(pick), ABLATION_NOISE, b))
 
 
 def report(out: Path, s: dict, levels: dict, meta: dict) -> int:
@@ -399,17 +478,13 @@ def main(argv=None) -> int:
     if "arm_levels" in s:
         return fixed_arms(runner, out, s, args, data)
     every, worst = s["noise"], [ABLATION_NOISE]
-    finetune(runner, out, s, {**FIXED_ARMS, **{f"srdrl_best_{v}": best_flags(v)
+    finetune(runner, out, s, {**FIXED_ARMS, **{candidate(v): best_flags(v)
                                                for v in s["variants"]}},
-             {**{a: every for a in FIXED_ARMS}, **{f"srdrl_best_{v}": worst
+             {**{a: every for a in FIXED_ARMS}, **{candidate(v): worst
                                                     for v in s["variants"]}})
     pick, choice = choose(out, s)
-    for b in s["base_seeds"]:  # the chosen variant's runs at ABLATION_NOISE are srdrl_best's
-        alias = out / "runs" / run_name("srdrl_best", ABLATION_NOISE, b)
-        if not alias.exists():
-            alias.symlink_to(run_name(f"srdrl_best_{pick}", ABLATION_NOISE, b))
-    final = {"srdrl_best": best_flags(pick),
-             **{f"without_{p}": best_flags(pick, without=p) for p in PARTS}}
+    link_chosen(out, s, pick)
+    final = {"srdrl_best": best_flags(pick), **ablations(pick)}
     finetune(runner, out, s, final, {a: every if a == "srdrl_best" else worst for a in final})
     meta = {"scale": args.scale, "settings": s, "data": data, "choice": choice,
             "arms": {**FIXED_ARMS, **final}}

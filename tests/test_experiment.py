@@ -147,3 +147,64 @@ def test_fixed_arms_scale_chains_training_and_test(tmp_path, monkeypatch):
     logs = {f: f.stat().st_mtime_ns for f in (tmp_path / "logs").iterdir()}
     assert exp.main(argv) == 0
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "logs").iterdir()} == logs
+
+
+def test_variants_leave_parts_out_and_data_seeds_follow_the_scale(tmp_path):
+    import noisy_label_experiment as exp
+
+    flags = exp.best_flags("anchors_without_label_baseline")
+    assert flags[flags.index("--num_anchors") + 1] == "16"
+    assert "--awr_baseline" not in flags and "--lower_traj_weight_when_beaten" in flags
+    assert "without_label_baseline" not in exp.ablations("anchors_without_label_baseline")
+    assert set(exp.ablations("v1")) == {f"without_{p}" for p in exp.PARTS}
+
+    seeds = {}
+
+    class Recorder:
+        def many(self, tasks):
+            for _module, argv, done, _log in tasks:
+                seeds[Path(argv[argv.index("--output_dir") + 1]).name] = int(
+                    argv[argv.index("--seed") + 1])
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text("")
+
+    s = dict(exp.SCALES["session_choice"], min_test_in_path=0)
+    exp.make_data(Recorder(), tmp_path, s)
+    assert seeds == {"source": 101, "test": 404, "target0": 202, "target0.3": 202}
+
+
+@pytest.mark.heavy
+def test_choice_scale_picks_on_validation_only(tmp_path, monkeypatch):
+    """session_choice: candidates and supervised at noise 0.3 are also evaluated on the
+    validation split; srdrl_best is chosen from those reports once all are in (a partial
+    call leaves the choice pending) and links to the chosen candidate's runs."""
+    import noisy_label_experiment as exp
+
+    small = dict(exp.SCALES["session_choice"], source=16, target=16, val=6, test=10,
+                 width=128, height=96, base_steps=2, base_batch=2, steps=2, batch=2,
+                 eval_samples=2, resamples=100, min_test_in_path=0, base_seeds=[0],
+                 eval_seeds=[0])
+    monkeypatch.setitem(exp.SCALES, "session_choice", small)
+    argv = ["--out", str(tmp_path), "--scale", "session_choice", "--device", "cpu",
+            "--jobs", "2"]
+    assert exp.main([*argv, "--arms", "supervised", "srdrl_best_v1"]) == 0
+    meta = json.loads((tmp_path / "results.json").read_text())
+    assert meta["choice"]["chosen"] is None and "pending" in meta["choice"]
+    assert exp.main(argv) == 0
+    meta = json.loads((tmp_path / "results.json").read_text())
+    pick = meta["choice"]["chosen"]
+    assert pick in small["variants"] and set(meta["choice"]["validation"]) == set(
+        small["variants"])
+    runs = tmp_path / "runs"
+    assert (runs / "srdrl_best_noise0.3_seed0").resolve() == (
+        runs / f"srdrl_best_{pick}_noise0.3_seed0").resolve()
+    for arm in [*(f"srdrl_best_{v}" for v in small["variants"]), "supervised"]:
+        assert (runs / f"{arm}_noise0.3_seed0/eval_val_seed0/eval_report.json").is_file()
+    assert not (runs / "srdrl_seed_noise0.3_seed0/eval_val_seed0").exists()
+    assert not (runs / "supervised_noise0_seed0/eval_val_seed0").exists()
+    rows = {(r["arm"], r["noise"]): r for r in meta["test"]}
+    chosen = rows[(f"srdrl_best_{pick}", 0.3)]
+    assert rows[("srdrl_best", 0.3)]["hazard_crossing_rate_in_path_scenes"] == \
+        chosen["hazard_crossing_rate_in_path_scenes"]
+    assert chosen["ratio_vs_srdrl_best"]["ratio"] in (None, pytest.approx(1.0))
+    assert "chosen on validation" in (tmp_path / "table.md").read_text()
