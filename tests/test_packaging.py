@@ -21,6 +21,7 @@ def test_wheel_carries_the_top_level_deepspeed_config(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     installed = site / "srdrl" / "ds_config.json"
+    assert (site / "srdrl" / "kernels" / "path_safety_triton.py").is_file()
     assert installed.is_file() and not installed.is_symlink()
     assert json.loads(installed.read_text()) == json.loads((ROOT / "ds_config.json").read_text())
     # from an unrelated directory, the installed package (not the checkout) finds its config
@@ -33,3 +34,13 @@ def test_wheel_carries_the_top_level_deepspeed_config(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     where, stage = run.stdout.split()
     assert Path(where) == installed.resolve() and stage == "2"
+
+
+def test_repository_root_holds_no_package_but_srdrl():
+    """A package directory at the repository root is importable by its bare name whenever
+    the root is on sys.path (``python -m`` run from a checkout, pytest), where it shadows
+    an installed package of that name: a top-level ``kernels/`` once shadowed Hugging
+    Face's ``kernels``, which transformers imports when it is installed, and every import
+    of a Qwen3-VL model failed."""
+    packages = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert packages == ["srdrl"]

@@ -28,20 +28,22 @@ neighbouring lanes with ``tl.gather`` within the warp, which lowers to two shuff
 exact in int64 (see the kernel).
 
 Measured on an H200 (benchmarks/bench_path_safety.py, L2 flushed before each call, CUDA
-graph): B=8, N=4, T=64, P=32 on 1280x720 frames in 14.7 us; B=64, N=16, T=64 in 100.7 us,
-46.8 % of the device copy bandwidth on the patch bytes (the masked walk alone: 135.2 us,
-34.8 %). Versions that measured worse (on an H100, before the interior walk): a 32x32 tile per program
-with the Laplacian as two tensor-core products (L = A G + G A^T, exact in fp16) spent ~200
-instructions per pixel on layout conversions (1.4 ms at B=64); the row walk fully unrolled
-held 186 registers per thread (340 us against 130 us unrolled by 4); splitting a patch's
-rows over several warps added halo loads and per-row index work (300+ us).
+graph): B=8, N=4, T=64, P=32 on 1280x720 frames in 13.7-14.7 us; B=64, N=16, T=64 in
+100.7-102.5 us, 46-47 % of the device copy bandwidth on the patch bytes (every crop on the
+masked walk: 135 us, 35 %). Versions that measured worse (on an H100, before the interior
+walk): a 32x32 tile per program with the Laplacian as two tensor-core products
+(L = A G + G A^T, exact in fp16) spent ~200 instructions per pixel on layout conversions
+(1.4 ms at B=64); the row walk fully unrolled held 186 registers per thread (340 us against
+130 us unrolled by 4); splitting a patch's rows over several warps added halo loads and
+per-row index work (300+ us).
 
 The interior walk: the masked walk spends ~36 SASS instructions per crop row (sm_90,
 Triton 3.9: predicated loads, register zeroing, selects for the row and lane masks, 64-bit
 row compares); a crop wholly inside the image needs none of them and its walk is ~21 per
 row (counted in the compiled loop bodies). The kernel issues instructions at about that
 rate: 65536 waypoints x 32 rows x 36 instructions is ~140K cycles per SM of an H200, about
-half the large case's 136 us. Most crops are interior, so they take the short walk.
+half of the 136 us the large case took on the masked walk alone. Most crops are interior,
+so they take the short walk.
 
 Projection: from K and T inside the kernel (21 scalar loads, a few float64 operations per
 waypoint) rather than from a K @ T precomputed with torch: that bmm and its casts measured
