@@ -124,6 +124,7 @@ def peak_extra_memory(fn):
 
 def run_case(name, shape, args, timer, bandwidth, launch_graph_s):
     import torch
+
     from srdrl.kernels import path_safety_triton as kernel_module
     from srdrl.kernels.path_safety_common import reference_colour
     from srdrl.kernels.path_safety_kornia import path_safety_kornia

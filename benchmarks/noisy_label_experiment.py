@@ -25,7 +25,7 @@ not be kept), so a run cut short by a time limit continues where it stopped. Wri
 OUT/results.json and OUT/table.md. Scales: ``smoke`` (checks the pipeline), ``session``
 (one GPU, about half an hour: arms fixed in advance, no validation stage),
 ``session_choice`` (the session scale with srdrl_best chosen on validation among three
-candidates, tested on a fresh test set; about two 10-minute calls), ``full``.
+candidates, tested on a fresh test set; about four 9-minute calls), ``full``.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="processes at a time")
     p.add_argument("--gpus", type=int, default=1, help="with cuda: jobs go round these GPUs")
     p.add_argument("--arms", nargs="+", default=None,
-                   help="scales with arms fixed in advance (session): run and tabulate only "
-                        "these arms now")
+                   help="scales with arms fixed in advance (session, session_choice): run and "
+                        "tabulate only these arms now")
     p.add_argument("--stage", choices=["base", "val", "all"], default="all",
                    help="'base': stop after the base policies; 'val': stop after the "
                         "validation choice (no test evaluation)")
@@ -331,7 +331,10 @@ def test_table(out: Path, s: dict, arms: dict[str, list[float]]) -> dict:
             row["ratio_vs_clean_supervised"] = paired_bootstrap_ratio(
                 row["_crossing"], clean["_crossing"], resamples=s["resamples"])
         best = results.get(("srdrl_best", noise))
-        if arm.startswith(("without_", "srdrl_best_")) and best is not None:
+        first = s["base_seeds"][0]
+        itself = ((out / "runs" / run_name(arm, noise, first)).resolve()
+                  == (out / "runs" / run_name("srdrl_best", noise, first)).resolve())
+        if arm.startswith(("without_", "srdrl_best_")) and best is not None and not itself:
             row["ratio_vs_srdrl_best"] = paired_bootstrap_ratio(
                 row["_crossing"], best["_crossing"], resamples=s["resamples"])
     for row in results.values():
@@ -354,9 +357,10 @@ def _choice_line(choice: dict) -> str:
 
     scores = ", ".join(f"{v} {num(c['hazard_crossing_rate_in_path_scenes'])} / "
                        f"{num(c['ade_hazard_free'])} m" for v, c in choice["validation"].items())
+    bound = "" if choice["within_ade_bound"] else "; none within the ADE bound"
     return (f"srdrl_best = {choice['chosen']}, chosen on validation (in-path crossing / "
             f"hazard-free ADE: {scores}; supervised's ADE "
-            f"{num(choice['supervised_ade_hazard_free'])} m)")
+            f"{num(choice['supervised_ade_hazard_free'])} m{bound})")
 
 
 def markdown(results: dict, meta: dict) -> str:
@@ -440,6 +444,7 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
         else:
             pick, choice = choose(out, s)
             link_chosen(out, s, pick)
+            flags["srdrl_best"] = flags[candidate(pick)]
             run_levels = {**run_levels, "srdrl_best": [ABLATION_NOISE]}
     return report(out, s, run_levels, {"scale": args.scale, "settings": s, "data": data,
                                        "choice": choice,
@@ -447,11 +452,19 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
 
 
 def link_chosen(out: Path, s: dict, pick: str) -> None:
-    """srdrl_best's runs at ABLATION_NOISE are the chosen variant's (symbolic links)."""
+    """srdrl_best's runs at ABLATION_NOISE are the chosen variant's (symbolic links; a link
+    to another run is replaced, a real directory there is an error)."""
     for b in s["base_seeds"]:
         alias = out / "runs" / run_name("srdrl_best", ABLATION_NOISE, b)
-        if not alias.exists():
-            alias.symlink_to(run_name(candidate(pick), ABLATION_NOISE, b))
+        target = run_name(candidate(pick), ABLATION_NOISE, b)
+        if alias.is_symlink():
+            if os.readlink(alias) == target:
+                continue
+            alias.unlink()
+        elif alias.exists():
+            raise SystemExit(f"{alias} is a directory, not a link to the chosen variant's "
+                             f"run {target}: move it away")
+        alias.symlink_to(target)
 
 
 def report(out: Path, s: dict, levels: dict, meta: dict) -> int:
@@ -476,6 +489,9 @@ def main(argv=None) -> int:
     if args.stage == "base":
         return 0
     if "arm_levels" in s:
+        if args.stage == "val":
+            raise SystemExit(f"--stage val: the {args.scale} scale has no separate validation "
+                             "stage (each fine-tuning is chained with its evaluations)")
         return fixed_arms(runner, out, s, args, data)
     every, worst = s["noise"], [ABLATION_NOISE]
     finetune(runner, out, s, {**FIXED_ARMS, **{candidate(v): best_flags(v)

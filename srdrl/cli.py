@@ -111,6 +111,7 @@ def read_config_file(path: str | Path, classes) -> dict:
 def build_parser(classes: tuple[type, ...], *, prog: str, description: str):
     """The HfArgumentParser of ``classes`` plus ``--config``, help from the field docs."""
     from transformers import HfArgumentParser  # late: the package is slow to import
+    from transformers.hf_argparser import string_to_bool
 
     # HfArgumentParser gives each --field_name the --field-name spelling too (5.17 and 5.24
     # do); prefixes are off, else the two spellings make every abbreviation ambiguous
@@ -125,6 +126,10 @@ def build_parser(classes: tuple[type, ...], *, prog: str, description: str):
         action.help = docs[action.dest].replace("%", "%%")  # argparse %-formats help
         if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_x
             action.help = f"Set {action.dest} to False. {action.help}"
+        if action.type is string_to_bool and action.nargs is None:
+            # a `bool | None` field (unset means "decide from the other flags"): a bare flag
+            # means true, as it does for a plain bool
+            action.nargs, action.const = "?", True
         if action.required or isinstance(action, argparse._StoreFalseAction):
             action.default = argparse.SUPPRESS  # no misleading "(default: ...)" in the help
     return parser

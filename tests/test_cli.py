@@ -109,6 +109,19 @@ def test_post_init_error_is_a_usage_error(capsys):
     assert e.value.code == 2 and "scoring_backend must be" in capsys.readouterr().err
 
 
+def test_an_optional_bool_flag_alone_means_true(capsys):
+    from srdrl.train import parse_args
+
+    assert parse_args([])[0].zero3_gather_vlm_layers_whole is True  # unset: decided
+    assert parse_args(["--gradient_checkpointing"])[0].zero3_gather_vlm_layers_whole is False
+    assert parse_args(["--zero3_gather_vlm_layers_whole", "false"])[0] \
+        .zero3_gather_vlm_layers_whole is False
+    with pytest.raises(SystemExit) as e:  # a bare flag is an explicit true
+        parse_args(["--zero3_gather_vlm_layers_whole", "--gradient_checkpointing"])
+    assert e.value.code == 2 and "cannot be used with gradient_checkpointing" in \
+        capsys.readouterr().err
+
+
 def test_dash_and_underscore_spellings_are_the_same_flag():
     under = _parse(["--policy", "p", "--data_path", "d", "--num_samples", "7",
                     "--gt_trust_min", "0.2", "--no_use_trust_gate"])

@@ -17,12 +17,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from srdrl.camera import default_camera, project_points, visible
 from srdrl.kernels import PathSafety, path_safety
 from srdrl.kernels.path_safety_kornia import path_safety_kornia, reflect101, rgb_to_gray_opencv
 from srdrl.kernels.path_safety_triton import allocate_outputs, path_safety_triton
 from srdrl.kernels.reference import path_safety_reference, reference_colour
-
-from srdrl.camera import default_camera, project_points, visible
 
 cv2 = pytest.importorskip("cv2")
 
@@ -378,6 +378,19 @@ def test_cuda_matches_reference(backend, patch_size):
     result = path_safety(**cuda, patch_size=patch_size, texture_scale=60000.0, backend=backend)
     assert result.safety.is_cuda
     assert_matches(result, expected)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("patch_size", [3, 32, 45])
+def test_cuda_masked_walk_matches_reference(patch_size):
+    # every crop on the masked walk, compiled (the default call sends interior crops to the
+    # unmasked one, which test_cuda_matches_reference covers)
+    scenes = make_scenes(3, 4, 64, 192, 320, seed=17)
+    expected = reference(scenes, patch_size=patch_size, texture_scale=60000.0)
+    cuda = {k: v.cuda() for k, v in scenes.items()}
+    assert_matches(path_safety_triton(**cuda, patch_size=patch_size, texture_scale=60000.0,
+                                      interior_fast_path=False), expected)
 
 
 @gpu

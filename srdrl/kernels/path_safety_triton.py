@@ -37,12 +37,13 @@ walk): a 32x32 tile per program with the Laplacian as two tensor-core products
 130 us unrolled by 4); splitting a patch's rows over several warps added halo loads and
 per-row index work (300+ us).
 
-The interior walk: the masked walk spends ~36 SASS instructions per crop row (sm_90,
-Triton 3.9: predicated loads, register zeroing, selects for the row and lane masks, 64-bit
-row compares); a crop wholly inside the image needs none of them and its walk is ~21 per
-row (counted in the compiled loop bodies). The kernel issues instructions at about that
+The interior walk: the masked walk spends ~36 SASS instructions per crop row (compiled for
+sm_90 with Triton 3.9 on a machine without a GPU, read with cuobjdump: predicated loads,
+register zeroing, selects for the row and lane masks, 64-bit row compares); a crop wholly
+inside the image needs none of them and its walk is ~21 per row (counted in the compiled
+loop bodies). The kernel issues instructions at about that
 rate: 65536 waypoints x 32 rows x 36 instructions is ~140K cycles per SM of an H200, about
-half of the 136 us the large case took on the masked walk alone. Most crops are interior,
+half of the 135 us the large case took on the masked walk alone. Most crops are interior,
 so they take the short walk.
 
 Projection: from K and T inside the kernel (21 scalar loads, a few float64 operations per
