@@ -56,7 +56,7 @@ def test_training_summary_reads_gate_precision_and_recall(tmp_path):
 def test_table_gives_ablations_their_ratio_to_the_full_configuration(tmp_path):
     """Known answer from written evaluation files: over 10 in-path scenes supervised
     crosses in 8, srdrl_best in 2 and its ablation in 4 (and 2 scenes out of the way)."""
-    import noisy_label_experiment as exp
+    import experiment_table as exp
 
     crossing = {"supervised": 8, "srdrl_best": 2, "without_relative_gate": 4}
     for arm, n in crossing.items():
