@@ -224,7 +224,8 @@ def test_triton_interior_and_clipped_crops(interior_fast_path, patch_size):
 
 
 def test_triton_reference_colour_from_several_row_groups():
-    # 100x700: the bottom-centre region (20 x 140 px) is summed by 2 programs per scene.
+    # 100x700: the bottom-centre region (20 x 140 px) is summed by 3 tiles per scene of
+    # 7, 7 and 6 rows, each row in two column chunks (128 + 12): masked rows and columns.
     scenes = make_scenes(2, 1, 5, 100, 700, seed=16, specials=False, blind_candidate=False)
     expected = reference(scenes, patch_size=5)
     assert_matches(run_backend("triton", scenes, expected, patch_size=5), expected)

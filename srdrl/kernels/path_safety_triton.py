@@ -1,23 +1,29 @@
 """Path safety as fused Triton kernels (CUDA; any device under ``TRITON_INTERPRET=1``).
 
-Three launches (two when ``ref_rgb`` is given), no host syncs, no data-dependent shapes and
-nothing allocated but the outputs and a (B, G, 3) int32 scratch of reference-colour partial
-sums, so the whole call can be captured in a CUDA graph:
+Two launches, no host syncs, no data-dependent shapes and nothing allocated but the
+outputs, a (3, B*N*T) float32 scratch of patch mean colours and a (B, G, 3) int32 scratch of
+reference-colour partial sums, so the whole call can be captured in a CUDA graph:
 
-1. ``_reference_colour_kernel``, grid (B, G): integer sums of R, G, B over one tile of rows
-   of each scene's bottom-centre region.
-2. ``_patch_statistics_kernel``, one program (one warp) per waypoint, grid B*N*T: project
-   the point in float64 from K and T (in srdrl.camera's order), walk its clipped P x P
-   crop row by row (unmasked when the crop lies wholly inside the image, the common case;
-   masked row by row when the border clips it), and keep the Laplacian's integer moments
-   and the colour sums in registers; write variance, colour distance (against the
-   reference colour summed from the partials) and visibility.
-3. ``_candidate_safety_kernel``: per candidate, masked means over T -> safety.
+1. ``_patch_statistics_kernel``, one program (one warp) per waypoint, grid B*N*T + B*G:
+   project the point in float64 from K and T (in srdrl.camera's order), walk its clipped
+   P x P crop row by row (unmasked when the crop lies wholly inside the image, the common
+   case; masked row by row when the border clips it), and keep the Laplacian's integer
+   moments and the colour sums in registers; write variance, mean colour and visibility.
+   The last B*G programs (none when ``ref_rgb`` is given) each sum R, G, B over one tile
+   of rows of a scene's bottom-centre region instead, in integers.
+2. ``_candidate_safety_kernel``: per candidate, the reference colour (the scene's partial
+   sums / pixels, or the given one), each waypoint's colour distance, and masked means over
+   T -> safety.
+
+Why the reference colour is summed beside the patches rather than first: as a launch of its
+own ahead of the patch kernel (which then read the partial sums in every one of its 65536
+programs at the large size) it cost ~9 us of ~102; the colour distance needs the reference
+only in the second pass, which reads it once per candidate.
 
 Why per-waypoint programs and a second pass rather than one program per candidate: at the
 small benchmark size (B*N = 32 candidates) one program per candidate would occupy 32 of an
 H100's 132 SMs and walk 64 patches each; per-waypoint programs spread the patches over the
-whole machine, and the second pass reads only 9 bytes per waypoint.
+whole machine, and the second pass reads only 17 bytes per waypoint (and writes 4).
 
 How a patch is read: lane j of the warp holds crop column j and walks down the rows, so a
 row's 3 * P bytes come in as 3 coalesced byte loads per lane and every byte of the patch
@@ -28,9 +34,10 @@ neighbouring lanes with ``tl.gather`` within the warp, which lowers to two shuff
 exact in int64 (see the kernel).
 
 Measured on an H200 (benchmarks/bench_path_safety.py, L2 flushed before each call, CUDA
-graph): B=8, N=4, T=64, P=32 on 1280x720 frames in 13.7-14.7 us; B=64, N=16, T=64 in
-100.7-102.5 us, 46-47 % of the device copy bandwidth on the patch bytes (every crop on the
-masked walk: 135 us, 35 %). Versions that measured worse (on an H100, before the interior
+graph): B=8, N=4, T=64, P=32 on 1280x720 frames in 11.7 us; B=64, N=16, T=64 in 96.6 us,
+49.1 % of the device copy bandwidth on the patch bytes (the reference colour summed in a
+launch of its own first, in the same run: 101.8 us, 46.6 %; every crop on the masked walk:
+138 us, 34 %). Versions that measured worse (on an H100, before the interior
 walk): a 32x32 tile per program with the Laplacian as two tensor-core products
 (L = A G + G A^T, exact in fp16) spent ~200 instructions per pixel on layout conversions
 (1.4 ms at B=64); the row walk fully unrolled held 186 registers per thread (340 us against
@@ -189,33 +196,32 @@ def _interior_moments(pixel, row_bytes, j, PATCH: tl.constexpr, ROW_UNROLL: tl.c
     return _moments(lap_sum + lap, lap_sq_sum + lap * lap, sum_red, sum_green, sum_blue)
 
 
-@triton.jit(do_not_specialize=["height", "width", "row0", "col0", "region_rows",
-                               "region_cols"])
-def _reference_colour_kernel(
-    image_ptr,  # (B, H, W, 3) uint8
-    partial_ptr,  # (B, G, 3) int32 out
-    height,
-    width,
-    row0,
-    col0,
-    region_rows,
-    region_cols,
-    ROWS: tl.constexpr,
-    COLS: tl.constexpr,
-):
-    scene = tl.program_id(0)
-    group = tl.program_id(1)
-    # A flat index over the tile keeps consecutive lanes on consecutive pixels of a row
-    # (coalesced); a 2D (ROWS, COLS) tile of stride-3 pointers got rows across the lanes.
-    p = tl.arange(0, ROWS * COLS)
-    r = group * ROWS + p // COLS  # region-local row
-    c = p % COLS  # region-local column
+@triton.jit
+def _reference_tile_sums(image_ptr, partial_ptr, tile, tiles_per_scene, height, width,
+                         row0, col0, region_rows, region_cols, ROWS: tl.constexpr,
+                         COLS: tl.constexpr):
+    """Integer sums of R, G, B over rows ``ROWS * g ..`` of scene s's bottom-centre region
+    (``tile = s * tiles_per_scene + g``), written to ``partial_ptr[tile]``. One warp walks
+    the tile row by row, ``COLS`` pixels at a time, so that its registers stay those of a
+    single row chunk (the patch walk shares the kernel and its register count)."""
+    scene = tile // tiles_per_scene
+    first = (tile % tiles_per_scene) * ROWS
+    c = tl.arange(0, COLS)
     scene_base = image_ptr + scene.to(tl.int64) * height * width * 3
-    pixel = scene_base + ((row0 + r) * width + col0 + c) * 3  # (ROWS * COLS,) pointers
-    live = (r < region_rows) & (c < region_cols)
-    out = partial_ptr + (scene * tl.num_programs(1) + group) * 3
-    for channel in tl.static_range(3):
-        tl.store(out + channel, tl.sum(tl.load(pixel + channel, mask=live, other=0).to(tl.int32)))
+    sum_red = tl.zeros((COLS,), tl.int32)
+    sum_green = tl.zeros((COLS,), tl.int32)
+    sum_blue = tl.zeros((COLS,), tl.int32)
+    for r in tl.range(first, first + ROWS):
+        for c0 in tl.range(0, region_cols, COLS):
+            pixel = scene_base + ((row0 + r) * width + col0 + c0 + c) * 3
+            live = c0 + c < tl.where(r < region_rows, region_cols, 0)  # one tensor compare
+            sum_red += tl.load(pixel, mask=live, other=0).to(tl.int32)
+            sum_green += tl.load(pixel + 1, mask=live, other=0).to(tl.int32)
+            sum_blue += tl.load(pixel + 2, mask=live, other=0).to(tl.int32)
+    out = partial_ptr + tile * 3
+    tl.store(out, tl.sum(sum_red))
+    tl.store(out + 1, tl.sum(sum_green))
+    tl.store(out + 2, tl.sum(sum_blue))
 
 
 @triton.jit
@@ -225,44 +231,32 @@ def _dot3(row_ptr, a, b, c):
             + tl.load(row_ptr + 2).to(tl.float64) * c)
 
 
-@triton.jit
-def _reference_rgb(ref_ptr, scene, groups, pixels, REF_GIVEN: tl.constexpr,
-                   GROUP_BLOCK: tl.constexpr):
-    """The scene's reference colour: given, or the sum of its partial sums / pixels."""
-    if REF_GIVEN:
-        return tl.load(ref_ptr + scene * 3), tl.load(ref_ptr + scene * 3 + 1), tl.load(
-            ref_ptr + scene * 3 + 2)
-    g = tl.arange(0, GROUP_BLOCK)
-    part = ref_ptr + (scene * groups + g) * 3
-    live = g < groups
-    scale = 1.0 / pixels.to(tl.float32)
-    red = tl.sum(tl.load(part, mask=live, other=0)).to(tl.float32) * scale
-    green = tl.sum(tl.load(part + 1, mask=live, other=0)).to(tl.float32) * scale
-    blue = tl.sum(tl.load(part + 2, mask=live, other=0)).to(tl.float32) * scale
-    return red, green, blue
-
-
-@triton.jit(do_not_specialize=["waypoints_per_scene", "height", "width", "ref_groups",
-                               "ref_pixels"])
+@triton.jit(do_not_specialize=["num_waypoints", "waypoints_per_scene", "height", "width",
+                               "ref_row0", "ref_col0", "ref_rows", "ref_cols",
+                               "ref_tiles_per_scene"])
 def _patch_statistics_kernel(
     image_ptr,  # (B, H, W, 3) uint8, contiguous
     points_ptr,  # (B, N, T, 3) float32/64 ego frame
     K_ptr,  # (B, 3, 3) float32/64
     T_ptr,  # (B, 4, 4) float32/64, camera <- ego
-    ref_ptr,  # (B, G, 3) int32 partial sums, or (B, 3) float32 colours when REF_GIVEN
+    partial_ptr,  # (B, G, 3) int32 out: reference-region partial sums (unused: G = 0)
     variance_ptr,  # (B, N, T) float32 out
-    distance_ptr,  # (B, N, T) float32 out
+    colour_ptr,  # (3, B*N*T) float32 out: each patch's mean R, G, B
     visible_ptr,  # (B, N, T) uint8 out (a bool tensor's bytes)
+    num_waypoints,  # B * N * T: programs past it sum reference tiles
     waypoints_per_scene,  # N * T
     height,
     width,
-    ref_groups,  # G
-    ref_pixels,  # pixels of the reference region
+    ref_row0,
+    ref_col0,
+    ref_rows,
+    ref_cols,
+    ref_tiles_per_scene,  # G
     PATCH: tl.constexpr,
     BLOCK: tl.constexpr,  # power of two >= PATCH: crop columns, one per lane
     ROW_UNROLL: tl.constexpr,  # unroll factor of the row loop
-    REF_GIVEN: tl.constexpr,
-    GROUP_BLOCK: tl.constexpr,  # power of two >= G
+    REF_ROWS: tl.constexpr,  # region rows per reference tile
+    REF_COLS: tl.constexpr,  # region columns loaded at a time
     INTERIOR_FAST_PATH: tl.constexpr,  # crops inside the image skip the masks (PATCH >= 3)
     MIN_Z: tl.constexpr,
     W_RED: tl.constexpr,
@@ -271,6 +265,11 @@ def _patch_statistics_kernel(
     SHIFT: tl.constexpr,
 ):
     waypoint = tl.program_id(0)
+    if waypoint >= num_waypoints:  # the last B * G programs: reference-region tiles
+        _reference_tile_sums(image_ptr, partial_ptr, waypoint - num_waypoints,
+                             ref_tiles_per_scene, height, width, ref_row0, ref_col0,
+                             ref_rows, ref_cols, REF_ROWS, REF_COLS)
+        return
     scene = waypoint // waypoints_per_scene
 
     # Projection in float64 in srdrl.camera.project_points' order: cam = R p + t, then K.
@@ -286,9 +285,6 @@ def _patch_statistics_kernel(
     u = _dot3(k, cam_x, cam_y, depth) / safe_depth
     v = _dot3(k + 3, cam_x, cam_y, depth) / safe_depth
     seen = (depth > MIN_Z) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
-    # Issued now so that its latency hides behind the patch walk.
-    ref_red, ref_green, ref_blue = _reference_rgb(ref_ptr, scene, ref_groups, ref_pixels,
-                                                  REF_GIVEN, GROUP_BLOCK)
 
     # Centre pixel; invisible (possibly NaN) points are parked at 0 before the int cast.
     cu = tl.minimum(tl.where(seen, tl.floor(u + 0.5), 0.0), width - 1.0).to(tl.int32)
@@ -326,46 +322,81 @@ def _patch_statistics_kernel(
     variance = ((n * s2 - s1 * s1).to(tl.float64) / (n * n).to(tl.float64)).to(tl.float32)
 
     count_f = count.to(tl.float32)
-    d_red = total_red.to(tl.float32) / count_f - ref_red
-    d_green = total_green.to(tl.float32) / count_f - ref_green
-    d_blue = total_blue.to(tl.float32) / count_f - ref_blue
-    distance = tl.sqrt(d_red * d_red + d_green * d_green + d_blue * d_blue) / 255.0
-
     tl.store(variance_ptr + waypoint, tl.where(seen, variance, 0.0))
-    tl.store(distance_ptr + waypoint, tl.where(seen, distance, 0.0))
+    tl.store(colour_ptr + waypoint, total_red.to(tl.float32) / count_f)
+    tl.store(colour_ptr + num_waypoints + waypoint, total_green.to(tl.float32) / count_f)
+    tl.store(colour_ptr + 2 * num_waypoints + waypoint, total_blue.to(tl.float32) / count_f)
     tl.store(visible_ptr + waypoint, seen.to(tl.uint8))
 
 
-@triton.jit(do_not_specialize=["num_candidates", "num_waypoints"])
+@triton.jit
+def _reference_rgb(ref_ptr, scene, groups, pixels, REF_GIVEN: tl.constexpr,
+                   GROUP_BLOCK: tl.constexpr):
+    """(CANDIDATES, 1) reference colours of the candidates' scenes: given, or the sum of
+    the scene's partial sums / pixels (integer sums, so the order does not matter)."""
+    if REF_GIVEN:
+        ref = ref_ptr + scene[:, None] * 3
+        return tl.load(ref), tl.load(ref + 1), tl.load(ref + 2)
+    g = tl.arange(0, GROUP_BLOCK)[None, :]
+    part = ref_ptr + (scene[:, None] * groups + g) * 3
+    live = g < groups
+    scale = 1.0 / pixels.to(tl.float32)
+    red = tl.sum(tl.load(part, mask=live, other=0), axis=1).to(tl.float32) * scale
+    green = tl.sum(tl.load(part + 1, mask=live, other=0), axis=1).to(tl.float32) * scale
+    blue = tl.sum(tl.load(part + 2, mask=live, other=0), axis=1).to(tl.float32) * scale
+    return red[:, None], green[:, None], blue[:, None]
+
+
+@triton.jit(do_not_specialize=["num_candidates", "candidates_per_scene", "num_waypoints",
+                               "ref_groups", "ref_pixels"])
 def _candidate_safety_kernel(
     variance_ptr,  # (B*N, T) float32
-    distance_ptr,  # (B*N, T) float32
+    colour_ptr,  # (3, B*N*T) float32: patch mean R, G, B
     visible_ptr,  # (B*N, T) uint8
+    ref_ptr,  # (B, G, 3) int32 partial sums, or (B, 3) float32 colours when REF_GIVEN
+    distance_ptr,  # (B*N, T) float32 out
     safety_ptr,  # (B*N,) float32 out
     num_candidates,
-    num_waypoints,
+    candidates_per_scene,  # N
+    num_waypoints,  # T
+    ref_groups,  # G
+    ref_pixels,  # pixels of the reference region
     texture_scale,
     colour_scale,
     CANDIDATES: tl.constexpr,
     T_BLOCK: tl.constexpr,
+    REF_GIVEN: tl.constexpr,
+    GROUP_BLOCK: tl.constexpr,  # power of two >= G
 ):
     cand = tl.program_id(0) * CANDIDATES + tl.arange(0, CANDIDATES)  # (CANDIDATES,)
+    live_cand = cand < num_candidates
+    ref_red, ref_green, ref_blue = _reference_rgb(
+        ref_ptr, tl.where(live_cand, cand // candidates_per_scene, 0), ref_groups,
+        ref_pixels, REF_GIVEN, GROUP_BLOCK)
+    plane = num_candidates.to(tl.int64) * num_waypoints  # B*N*T
     t = tl.arange(0, T_BLOCK)
     var_sum = tl.zeros((CANDIDATES,), tl.float32)
     dist_sum = tl.zeros((CANDIDATES,), tl.float32)
     seen = tl.zeros((CANDIDATES,), tl.int32)
     for t0 in range(0, num_waypoints, T_BLOCK):
-        mask = (cand[:, None] < num_candidates) & (t0 + t[None, :] < num_waypoints)
+        mask = live_cand[:, None] & (t0 + t[None, :] < num_waypoints)
         offs = cand[:, None].to(tl.int64) * num_waypoints + t0 + t[None, :]
+        visible = tl.load(visible_ptr + offs, mask=mask, other=0) != 0
+        d_red = tl.load(colour_ptr + offs, mask=mask, other=0.0) - ref_red
+        d_green = tl.load(colour_ptr + plane + offs, mask=mask, other=0.0) - ref_green
+        d_blue = tl.load(colour_ptr + 2 * plane + offs, mask=mask, other=0.0) - ref_blue
+        distance = tl.where(visible, tl.sqrt(d_red * d_red + d_green * d_green
+                                             + d_blue * d_blue) / 255.0, 0.0)
+        tl.store(distance_ptr + offs, distance, mask=mask)
         # Invisible waypoints hold zeros, so plain sums are sums over visible ones.
         var_sum += tl.sum(tl.load(variance_ptr + offs, mask=mask, other=0.0), axis=1)
-        dist_sum += tl.sum(tl.load(distance_ptr + offs, mask=mask, other=0.0), axis=1)
-        seen += tl.sum(tl.load(visible_ptr + offs, mask=mask, other=0).to(tl.int32), axis=1)
+        dist_sum += tl.sum(distance, axis=1)
+        seen += tl.sum(visible.to(tl.int32), axis=1)
     denom = tl.maximum(seen, 1).to(tl.float32)
     texture = tl.minimum(tl.maximum(var_sum / denom / texture_scale, 0.0), 1.0)
     consistency = 1.0 - tl.minimum(tl.maximum(dist_sum / denom / colour_scale, 0.0), 1.0)
     safety = tl.where(seen > 0, 0.5 * (1.0 - texture) + 0.5 * consistency, 0.5)
-    tl.store(safety_ptr + cand, safety, mask=cand < num_candidates)
+    tl.store(safety_ptr + cand, safety, mask=live_cand)
 
 
 def allocate_outputs(B: int, N: int, T: int, device) -> PathSafety:
@@ -424,27 +455,21 @@ def path_safety_triton(
     images = images.contiguous()
 
     r0, r1, c0, c1 = reference_region(H, W)
-    # Tiles of ~1024 pixels over 8 warps: many short programs (4096-pixel tiles over 4
-    # warps ran 2x longer).
-    ref_cols = triton.next_power_of_2(c1 - c0)
-    ref_rows = min(triton.next_power_of_2(r1 - r0), max(1, 1024 // ref_cols))
-    groups = triton.cdiv(r1 - r0, ref_rows)  # programs per scene, one tile each
-    if ref_rgb is None:
-        ref = torch.empty(B, groups, 3, dtype=torch.int32, device=device)  # partial sums
-        _reference_colour_kernel[(B, groups)](
-            images, ref, H, W, r0, c0, r1 - r0, c1 - c0,
-            ROWS=ref_rows, COLS=ref_cols, num_warps=8,
-        )
-    else:
-        ref = ref_rgb.to(torch.float32).contiguous()  # (B, 3)
-
-    _patch_statistics_kernel[(B * N * T,)](
-        images, trajectories.contiguous(), K.contiguous(), T_cam_from_ego.contiguous(), ref,
-        out.variance, out.colour_distance, out.visible.view(torch.uint8),
-        N * T, H, W, groups, (r1 - r0) * (c1 - c0),
+    num_waypoints = B * N * T
+    # Reference tiles of ~1024 pixels, walked REF_COLS at a time by one warp, as extra
+    # programs of the patch kernel: a launch of their own (8 warps per tile) ahead of it
+    # cost ~9 us of the large case's ~102, most of it the patch kernel waiting for it.
+    ref_cols = min(triton.next_power_of_2(c1 - c0), 128)
+    ref_rows = max(1, 1024 // max(c1 - c0, 1))
+    groups = triton.cdiv(r1 - r0, ref_rows) if ref_rgb is None else 0  # tiles per scene
+    partial = torch.empty(B, max(groups, 1), 3, dtype=torch.int32, device=device)
+    colour = torch.empty(3, num_waypoints, dtype=torch.float32, device=device)
+    _patch_statistics_kernel[(num_waypoints + B * groups,)](
+        images, trajectories.contiguous(), K.contiguous(), T_cam_from_ego.contiguous(),
+        partial, out.variance, colour, out.visible.view(torch.uint8),
+        num_waypoints, N * T, H, W, r0, c0, r1 - r0, c1 - c0, groups,
         PATCH=patch_size, BLOCK=triton.next_power_of_2(patch_size), ROW_UNROLL=ROW_UNROLL,
-        REF_GIVEN=ref_rgb is not None,
-        GROUP_BLOCK=triton.next_power_of_2(groups), MIN_Z=MIN_DEPTH,
+        REF_ROWS=ref_rows, REF_COLS=ref_cols, MIN_Z=MIN_DEPTH,
         INTERIOR_FAST_PATH=interior_fast_path and patch_size >= 3,
         W_RED=GRAY_WEIGHTS[0], W_GREEN=GRAY_WEIGHTS[1], W_BLUE=GRAY_WEIGHTS[2],
         SHIFT=GRAY_SHIFT, num_warps=max(1, triton.next_power_of_2(patch_size) // 64),
@@ -453,9 +478,12 @@ def path_safety_triton(
     # registers per thread (a pointer per element) and took 8 us at the small size.
     t_block = min(triton.next_power_of_2(T), 1024)
     candidates = max(1, 128 // t_block)
+    ref = partial if ref_rgb is None else ref_rgb.to(torch.float32).contiguous()
     _candidate_safety_kernel[(triton.cdiv(B * N, candidates),)](
-        out.variance, out.colour_distance, out.visible.view(torch.uint8), out.safety,
-        B * N, T, float(texture_scale), float(colour_scale),
-        CANDIDATES=candidates, T_BLOCK=t_block, num_warps=1,
+        out.variance, colour, out.visible.view(torch.uint8), ref, out.colour_distance,
+        out.safety, B * N, N, T, groups, (r1 - r0) * (c1 - c0),
+        float(texture_scale), float(colour_scale),
+        CANDIDATES=candidates, T_BLOCK=t_block, REF_GIVEN=ref_rgb is not None,
+        GROUP_BLOCK=triton.next_power_of_2(max(groups, 1)), num_warps=1,
     )
     return out
