@@ -117,8 +117,13 @@ def markdown(results: dict, meta: dict) -> str:
     cols = [*TABLE_METRICS, "oracle_crossing_in_path (diagnostic)", "train_gt_is_best",
             "train_label_beaten", "train_gate_precision", "train_gate_recall",
             "train_noisy_left_behind (base 0)"]
+    seeds = meta.get("settings", {}).get("eval_seeds")
     lines = [f"scale {meta['scale']}; test: {meta['data']['test_in_path_scenes']} in-path of "
-             f"{meta['data']['test_scenes']} scenes; {_choice_line(meta['choice'])}", "",
+             f"{meta['data']['test_scenes']} scenes; "
+             + (f"evaluation seeds {', '.join(map(str, seeds))}; " if seeds else "")
+             + _choice_line(meta["choice"])
+             + (f"; not run: {', '.join(meta['not_run'])}" if meta.get("not_run") else ""),
+             "",
              "| noise | arm | " + " | ".join(cols) + " | in-path crossing / supervised "
              "(95% CI) | / supervised at noise 0 (95% CI) | / srdrl_best (95% CI) |",
              "|---|---|" + "---|" * (len(cols) + 3)]
@@ -131,11 +136,12 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(out: Path, s: dict, levels: dict, meta: dict) -> int:
+def report(out: Path, s: dict, levels: dict, meta: dict, suffix: str = "") -> int:
+    """Writes OUT/results{suffix}.json and OUT/table{suffix}.md and prints the table."""
     results = test_table(out, s, levels)
     meta["test"] = [{"arm": a, "noise": n, **row} for (a, n), row in results.items()]
-    (out / "results.json").write_text(json.dumps(meta, indent=2))
+    (out / f"results{suffix}.json").write_text(json.dumps(meta, indent=2))
     text = markdown(results, meta)
-    (out / "table.md").write_text(text)
+    (out / f"table{suffix}.md").write_text(text)
     print(text)
     return 0

@@ -53,6 +53,20 @@ def test_training_summary_reads_gate_precision_and_recall(tmp_path):
     assert s["gate_recall"] == pytest.approx(0.125 / 0.375)
 
 
+def write_eval(out: Path, name: str, tag: str, seed: int, crosses: int, ade: float = 0.2):
+    """An evaluation's files as srdrl-eval writes them: 10 in-path scenes of which the first
+    ``crosses`` cross, and 2 scenes out of the way (crossing, not counted)."""
+    dest = out / "runs" / name / f"eval_{tag}_seed{seed}"
+    dest.mkdir(parents=True)
+    report = {"evaluation": {"modes": {"generated": {
+        "hazard_crossing_rate_in_path_scenes": crosses / 10, "ade_hazard_free": ade}}}}
+    (dest / "eval_report.json").write_text(json.dumps(report))
+    rows = [{"index": i, "in_path": i < 10, "crosses": i < crosses or i >= 10}
+            for i in range(12)]
+    (dest / "eval_scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (dest.parent / "metrics.jsonl").write_text("")
+
+
 def test_table_gives_ablations_their_ratio_to_the_full_configuration(tmp_path):
     """Known answer from written evaluation files: over 10 in-path scenes supervised
     crosses in 8, srdrl_best in 2 and its ablation in 4 (and 2 scenes out of the way)."""
@@ -60,15 +74,7 @@ def test_table_gives_ablations_their_ratio_to_the_full_configuration(tmp_path):
 
     crossing = {"supervised": 8, "srdrl_best": 2, "without_relative_gate": 4}
     for arm, n in crossing.items():
-        dest = tmp_path / "runs" / exp.run_name(arm, 0.3, 0) / "eval_test_seed0"
-        dest.mkdir(parents=True)
-        report = {"evaluation": {"modes": {"generated": {
-            "hazard_crossing_rate_in_path_scenes": n / 10, "ade_hazard_free": 0.2}}}}
-        (dest / "eval_report.json").write_text(json.dumps(report))
-        rows = [{"index": i, "in_path": i < 10, "crosses": i < n or i >= 10}
-                for i in range(12)]
-        (dest / "eval_scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (dest.parent / "metrics.jsonl").write_text("")
+        write_eval(tmp_path, exp.run_name(arm, 0.3, 0), "test", 0, n)
     own = tmp_path / "runs" / exp.run_name("srdrl_best", 0.3, 0) / "eval_train_seed0"
     own.mkdir()
     (own / "eval_report.json").write_text(json.dumps(
@@ -89,6 +95,63 @@ def test_table_gives_ablations_their_ratio_to_the_full_configuration(tmp_path):
             "choice": {"chosen": "v1"}}
     line = next(x for x in exp.markdown(rows, meta).splitlines() if "without_relative" in x)
     assert line.split("|")[-2].strip().startswith("2.000 [")  # the last column
+
+
+def test_table_only_tabulates_what_is_in_and_names_the_rest(tmp_path, monkeypatch):
+    """--table_only from reports alone (no data, no weights, as carried back from a device):
+    the choice from the validation reports, srdrl_best at noise 0.3 linked to it, arms
+    missing an evaluation listed as not run, and --eval_seeds tabulating the seeds every
+    arm got. Known answers: supervised crosses 8 of 10 in-path scenes at noise 0.3, the
+    chosen candidate 4 (so 0.5x), 6 at noise 0.1 (srdrl_best 3 there, seed 0 only)."""
+    import noisy_label_experiment as exp
+
+    small = dict(exp.SCALES["session_choice"], base_seeds=[0], eval_seeds=[0, 1],
+                 resamples=100)
+    monkeypatch.setitem(exp.SCALES, "session_choice", small)
+    val = {"v1": (5, 0.2), "anchors": (3, 0.5), "anchors_without_label_baseline": (4, 0.21)}
+    for v, (crosses, ade) in val.items():  # anchors crosses least but is out of the ADE bound
+        write_eval(tmp_path, f"srdrl_best_{v}_noise0.3_seed0", "val", 0, crosses, ade)
+        for e in (0, 1):
+            write_eval(tmp_path, f"srdrl_best_{v}_noise0.3_seed0", "test", e, 4)
+    write_eval(tmp_path, "supervised_noise0.3_seed0", "val", 0, 8, 0.2)
+    for arm, noise, crosses, seeds in [("supervised", 0.0, 5, (0, 1)),
+                                       ("supervised", 0.1, 6, (0, 1)),
+                                       ("supervised", 0.3, 8, (0, 1)),
+                                       ("srdrl_seed", 0.3, 7, (0, 1)),
+                                       ("srdrl_seed", 0.1, 5, (1,)),
+                                       ("srdrl_best", 0.1, 3, (0,))]:
+        for e in seeds:
+            write_eval(tmp_path, exp.run_name(arm, noise, 0), "test", e, crosses)
+    argv = ["--out", str(tmp_path), "--scale", "session_choice", "--device", "cpu",
+            "--table_only"]
+    with pytest.raises(SystemExit, match="no test set, and no"):
+        exp.main(argv)
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"data": {"test_scenes": 12, "test_in_path_scenes": 10}}))
+    assert exp.main(argv) == 0
+    assert not (tmp_path / "logs").exists()  # nothing ran
+    meta = json.loads((tmp_path / "results.json").read_text())
+    assert meta["choice"]["chosen"] == "anchors_without_label_baseline"
+    assert (tmp_path / "runs/srdrl_best_noise0.3_seed0").resolve() == (
+        tmp_path / "runs/srdrl_best_anchors_without_label_baseline_noise0.3_seed0")
+    assert sorted(meta["not_run"]) == ["srdrl_best at noise 0", "srdrl_best at noise 0.1",
+                                       "srdrl_seed at noise 0", "srdrl_seed at noise 0.1"]
+    rows = {(r["arm"], r["noise"]): r for r in meta["test"]}
+    assert rows[("srdrl_best", 0.3)]["ratio_vs_supervised"]["ratio"] == pytest.approx(0.5)
+    assert ("srdrl_best", 0.1) not in rows
+    assert "not run: " in (tmp_path / "table.md").read_text()
+
+    assert exp.main([*argv, "--eval_seeds", "0"]) == 0
+    meta = json.loads((tmp_path / "results_eval_seeds_0.json").read_text())
+    rows = {(r["arm"], r["noise"]): r for r in meta["test"]}
+    assert rows[("srdrl_best", 0.1)]["ratio_vs_supervised"]["ratio"] == pytest.approx(0.5)
+    assert ("srdrl_seed", 0.1) not in rows  # evaluated on seed 1 only
+    assert "evaluation seeds 0;" in (tmp_path / "table_eval_seeds_0.md").read_text()
+    assert (tmp_path / "table.md").is_file()  # the full table is left as it was
+    with pytest.raises(SystemExit, match="not evaluation seeds"):
+        exp.main([*argv, "--eval_seeds", "7"])
+    with pytest.raises(SystemExit, match="only with --table_only"):
+        exp.main([*argv[:-1], "--eval_seeds", "0"])
 
 
 @pytest.mark.heavy
@@ -170,7 +233,8 @@ def test_variants_leave_parts_out_and_data_seeds_follow_the_scale(tmp_path):
 
     s = dict(exp.SCALES["session_choice"], min_test_in_path=0)
     exp.make_data(Recorder(), tmp_path, s)
-    assert seeds == {"source": 101, "test": 404, "target0": 202, "target0.3": 202}
+    assert seeds == {"source": 101, "test": 404, "target0": 202, "target0.1": 202,
+                     "target0.3": 202}
 
 
 @pytest.mark.heavy
@@ -220,5 +284,18 @@ def test_choice_scale_picks_on_validation_only(tmp_path, monkeypatch):
     others = [v for v in small["variants"] if v != pick]
     assert all("ratio_vs_srdrl_best" in rows[(f"srdrl_best_{v}", 0.3)] for v in others)
     assert "chosen on validation" in (tmp_path / "table.md").read_text()
+    # srdrl_best at the other noise levels exists once the choice is made: the next call
+    # fine-tunes it there with the chosen flags
+    assert not (runs / "srdrl_best_noise0.1_seed0").exists()
+    assert exp.main(argv) == 0
+    meta = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["arm"], r["noise"]) for r in meta["test"]}
+    for noise in small["best_levels"]:
+        run = runs / f"srdrl_best_noise{noise:g}_seed0"
+        assert not run.is_symlink() and ("srdrl_best", noise) in rows
+        objective = json.loads((run / "train_config.json").read_text())["objective"]
+        chosen = exp.best_flags(pick)
+        assert objective["num_anchors"] == (16 if "--num_anchors" in chosen else 0)
+        assert (objective["awr_baseline"] == "label") == ("--awr_baseline" in chosen)
     with pytest.raises(SystemExit, match="no separate validation stage"):
         exp.main([*argv, "--stage", "val"])
