@@ -20,6 +20,9 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
   zero3_layers  zero3_whole with each VLM decoder layer and vision block gathered as one
                 unit too (--zero3_gather_vlm_layers_whole; srdrl-train's ZeRO-3 default)
   zero3_layers_prefetch  zero3_layers with the prefetch knobs of zero3_prefetch
+  zero3_layers_replica  zero3_layers sampling from a copy of the expert refreshed before
+                each step, its Euler loop replayed from a CUDA graph
+                (--zero3_sampling_replica)
   original      the original pipeline's choices: one candidate at a time (each sample
                 re-encodes its scene and runs its own Euler loop at batch 1) and the
                 OpenCV reference loop for scoring, ZeRO-2
@@ -86,10 +89,11 @@ from srdrl.config import OPTIMIZERS  # noqa: E402
 
 VARIANTS = ("zero2_graph", "zero2_eager", "zero2_liger", "zero2_liger_norms",
             "zero2_liger_swiglu", "zero3", "zero3_whole", "zero3_prefetch",
-            "zero3_whole_prefetch", "zero3_layers", "zero3_layers_prefetch", "original")
+            "zero3_whole_prefetch", "zero3_layers", "zero3_layers_prefetch",
+            "zero3_layers_replica", "original")
 LIGER_VARIANTS = {"zero2_liger": ("rms_norm", "rope", "swiglu"),
                   "zero2_liger_norms": ("rms_norm", "rope"), "zero2_liger_swiglu": ("swiglu",)}
-ZERO3_LAYERS_VARIANTS = ("zero3_layers", "zero3_layers_prefetch")
+ZERO3_LAYERS_VARIANTS = ("zero3_layers", "zero3_layers_prefetch", "zero3_layers_replica")
 ZERO3_WHOLE_VARIANTS = ("zero3_whole", "zero3_whole_prefetch", *ZERO3_LAYERS_VARIANTS)
 ZERO3_PREFETCH_VARIANTS = ("zero3_prefetch", "zero3_whole_prefetch", "zero3_layers_prefetch")
 ZERO3_PREFETCH = {"stage3_prefetch_bucket_size": 5 * 10**8,
@@ -184,7 +188,8 @@ def run_variant(name, optimizer, args, batch, texts, peak):
                                                     "torch_adam": True}},
           "steps_per_print": 10**9}
     objective = ObjectiveConfig(num_trajectory_samples=args.samples, flow_steps=args.flow_steps,
-                                use_cuda_graph=name == "zero2_graph" or name in LIGER_VARIANTS)
+                                use_cuda_graph=name in ("zero2_graph", "zero3_layers_replica")
+                                or name in LIGER_VARIANTS)
     backend = "reference" if name == "original" else ("triton" if cuda else "kornia")
     rewards = RewardConfig(scoring_backend=backend)
     torch.manual_seed(0)
@@ -193,7 +198,8 @@ def run_variant(name, optimizer, args, batch, texts, peak):
                          zero_stage=stage,
                          sampler=one_at_a_time if name == "original" else sample_trajectories,
                          zero3_gather_expert_whole=name in ZERO3_WHOLE_VARIANTS,
-                         zero3_gather_vlm_layers_whole=name in ZERO3_LAYERS_VARIANTS)
+                         zero3_gather_vlm_layers_whole=name in ZERO3_LAYERS_VARIANTS,
+                         zero3_sampling_replica=name == "zero3_layers_replica")
     if name in LIGER_VARIANTS:
         from srdrl.policy.fused_kernels import apply_liger_kernels
         apply_liger_kernels(module.policy.cuda(), LIGER_VARIANTS[name])
@@ -256,7 +262,11 @@ def ratios(results: dict) -> dict:
                                ("zero3_whole", "zero3_layers", "zero3_layers_vs_whole_step"),
                                ("zero3_layers", "zero2_graph", "zero3_layers_over_zero2_step"),
                                ("zero3_layers_prefetch", "zero2_graph",
-                                "zero3_layers_prefetch_over_zero2_step")]:
+                                "zero3_layers_prefetch_over_zero2_step"),
+                               ("zero3_layers", "zero3_layers_replica",
+                                "zero3_replica_vs_layers_step"),
+                               ("zero3_layers_replica", "zero2_graph",
+                                "zero3_layers_replica_over_zero2_step")]:
         a, b = step(f"{base}/{first}"), step(f"{other}/{first}")
         if a and b:
             out[label] = a / b

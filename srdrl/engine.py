@@ -11,7 +11,9 @@ forward pass, after the supervised terms and from the step's own prefix (so a se
 the same noise in the same order at every stage, and the prefix is encoded once): at
 stages 0-2 the parameters are whole and the Euler loop is replayed from a CUDA graph on
 GPU; at stage 3 they are partitioned and the loop runs eagerly, ZeRO-3's hooks gathering
-each parameter as the expert uses it (docs/DESIGN.md, "Sampling and CUDA graphs").
+each parameter as the expert uses it, or, with ``zero3_sampling_replica``, reads a copy of
+the expert refreshed before each forward pass and replays a graph again (docs/DESIGN.md,
+"Sampling and CUDA graphs").
 
 ``DivergenceGuard`` stops a run whose loss or gradients stop being finite
 (docs/DESIGN.md, "The DeepSpeed engine").
@@ -33,6 +35,7 @@ from srdrl.errors import ConfigError, UserError
 from srdrl.objective import ConsistencyHeads, srdrl_loss
 from srdrl.optimizer import DEFAULT_OPTIMIZER, client_adamw_settings, fused_adamw_factory
 from srdrl.policy import VLAPolicy, sample_trajectories
+from srdrl.policy.replica import SamplingReplica
 from srdrl.rewards import score_candidates
 from srdrl.timing import NULL_TIMER
 
@@ -210,6 +213,7 @@ class SRDRLModule(nn.Module):
                  *, zero_stage: int = 0, sampler=sample_trajectories, scorer=score_candidates,
                  zero3_gather_expert_whole: bool = True,
                  zero3_gather_vlm_layers_whole: bool = False,
+                 zero3_sampling_replica: bool = False,
                  anchors: torch.Tensor | None = None):
         super().__init__()
         self.policy = policy
@@ -218,25 +222,45 @@ class SRDRLModule(nn.Module):
         self.objective, self.rewards = objective, rewards
         self.zero_stage = zero_stage
         self.sampler, self.scorer = sampler, scorer
+        # At ZeRO-3, a copy of the sampling side that the sampler's CUDA graph can read
+        # (srdrl/policy/replica.py); a plain attribute, so DeepSpeed does not wrap it.
+        replica = (SamplingReplica(policy) if zero_stage == 3 and zero3_sampling_replica
+                   and objective.rl_loss_weight > 0 else None)
+        object.__setattr__(self, "sampling_replica", replica)
         if zero_stage == 3:
             gather_whole(policy, zero3_gather_expert_whole, zero3_gather_vlm_layers_whole)
+
+    def refresh_sampling_replica(self) -> None:
+        """Before the forward pass (``train_step``): copy the current sampling weights into
+        the ZeRO-3 sampling replica, gathered for the copy and released after; nothing
+        without a replica."""
+        replica = self.sampling_replica
+        if replica is None:
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(replica.sources()):
+            replica.refresh()
 
     @torch.no_grad()
     def sample_candidates(self, batch: dict, generator, prefix) -> tuple:
         """Actions (B, N, 64, 2) and trajectories (B, N, 64, 3) of N policy samples per
-        scene from this step's ``prefix``. At ZeRO-3 the loop runs eagerly and ZeRO-3's
-        own module hooks gather the partitioned parameters as the expert runs (the whole
-        expert at once with ``zero3_gather_expert_whole``; an explicit
-        ``GatheredParameters`` cannot be released inside the engine's forward pass while
-        the module is still active)."""
+        scene from this step's ``prefix``. At ZeRO-3 with the sampling replica, the loop
+        reads the replica (refreshed before this forward pass) and replays a CUDA graph as
+        at ZeRO-0-2; without it the loop runs eagerly and ZeRO-3's own module hooks gather
+        the partitioned parameters as the expert runs (the whole expert at once with
+        ``zero3_gather_expert_whole``; an explicit ``GatheredParameters`` cannot be
+        released inside the engine's forward pass while the module is still active)."""
         o = self.objective
+        replica = self.sampling_replica
         was_training = self.policy.training
         self.policy.eval()  # no adapter dropout while sampling (nor inside a captured graph)
         try:
-            return self.sampler(self.policy, batch, o.num_trajectory_samples,
+            return self.sampler(replica or self.policy, batch, o.num_trajectory_samples,
                                 steps=o.flow_steps, noise_scale_step=o.noise_scale_step,
                                 generator=generator,
-                                use_cuda_graph=o.use_cuda_graph and self.zero_stage < 3,
+                                use_cuda_graph=o.use_cuda_graph and (
+                                    self.zero_stage < 3 or replica is not None),
                                 prefix=prefix)
         finally:
             self.policy.train(was_training)
@@ -304,6 +328,8 @@ def train_step(engine, batch: dict, generator, timer=NULL_TIMER, guard: Divergen
     applies it at the end of an accumulation window). Returns the loss and the step's
     metrics (floats). With a ``guard``, a non-finite loss or gradient raises
     ``DivergenceError`` before anything is updated."""
+    with timer.section("sampling"):  # the ZeRO-3 replica's copy is sampling's cost
+        engine.module.refresh_sampling_replica()
     loss, metrics = engine(batch, generator, timer)
     if guard is not None:
         guard.check_loss(engine, metrics["loss"])

@@ -268,14 +268,22 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     module = SRDRLModule(policy, objective, rewards, zero_stage=zero_stage,
                          zero3_gather_expert_whole=cfg.zero3_gather_expert_whole,
                          zero3_gather_vlm_layers_whole=cfg.zero3_gather_vlm_layers_whole,
+                         zero3_sampling_replica=cfg.zero3_sampling_replica,
                          anchors=anchors)
     engine, scheduler = initialize_engine(module, ds_config, cfg.optimizer,
                                           warmup_cosine(cfg.warmup_steps, plan.total_steps))
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    if rank == 0 and zero_stage == 3 and objective.rl_loss_weight > 0:
+    if rank == 0 and zero_stage == 3 and objective.rl_loss_weight > 0 and \
+            module.sampling_replica is not None:
+        print("ZeRO-3: sampling reads a copy of the expert refreshed before each step "
+              "(--zero3_sampling_replica)" + (", replaying a CUDA graph"
+                                              if device.type == "cuda"
+                                              and objective.use_cuda_graph else ""))
+    elif rank == 0 and zero_stage == 3 and objective.rl_loss_weight > 0:
         print("ZeRO-3: parameters are partitioned, so sampling runs eagerly inside the forward "
-              "pass, ZeRO-3 gathering the expert's parameters as it runs (no CUDA graph)")
+              "pass, ZeRO-3 gathering the expert's parameters as it runs (no CUDA graph; "
+              "--zero3_sampling_replica samples from a copy instead)")
     elif rank == 0 and device.type == "cuda" and objective.use_cuda_graph:
         print(f"ZeRO-{zero_stage}: sampling replays a CUDA graph captured after "
               "deepspeed.initialize")

@@ -63,14 +63,14 @@ def test_smoke_run_reports_every_phase_for_both_optimizers(tmp_path):
     env.update(OUT=str(tmp_path), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"),
                           "--smoke", "--variants", "zero2_eager", "zero3", "zero3_whole",
-                          "zero3_prefetch", "zero2_liger"], env=env,
+                          "zero3_prefetch", "zero3_layers_replica", "zero2_liger"], env=env,
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "bench_train_step.json").read_text())
     results = report["results"]
     assert "zero2_liger variants left out" in run.stdout  # CUDA-only
     assert set(results) == {f"{v}/{o}" for v in ("zero2_eager", "zero3", "zero3_whole",
-                                                 "zero3_prefetch")
+                                                 "zero3_prefetch", "zero3_layers_replica")
                             for o in ("deepspeed_adamw", "torch_fused_adamw")}
     encode = {r["phases"]["prefix_encode"]["flops"] for r in results.values()}
     assert len(encode) == 1 and encode.pop() > 0  # one encode per step, at ZeRO-2 and 3

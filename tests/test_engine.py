@@ -43,8 +43,8 @@ def tiny_engine(stage: int, objective: dict, **module_options):
     torch.manual_seed(0)
     config = PolicyConfig.tiny()
     policy = VLAPolicy(config, build_tokenizer(config, REASONING))
-    objective = ObjectiveConfig(num_trajectory_samples=2, flow_steps=FLOW_STEPS,
-                                use_cuda_graph=False, **objective)
+    objective = ObjectiveConfig(**{"num_trajectory_samples": 2, "flow_steps": FLOW_STEPS,
+                                   "use_cuda_graph": False, **objective})
     module = SRDRLModule(policy, objective, RewardConfig(scoring_backend="kornia"),
                          zero_stage=stage, **module_options)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -128,6 +128,103 @@ def test_zero3_gathers_vlm_layers_whole_with_the_same_losses(group, monkeypatch,
     layers = [*model.language_model.layers, *model.visual.blocks]
     inner_modules = sum(sum(1 for _ in layer.modules()) - 1 for layer in layers)
     assert n_per_module - n_whole >= 2 * inner_modules  # two forward passes at least
+
+
+@pytest.mark.slow
+def test_zero3_sampling_replica_gives_the_same_losses(group, monkeypatch):
+    """zero3_sampling_replica: the Euler loop reads the replica, refreshed before every
+    step, so three ZeRO-3 steps give the losses of sampling through ZeRO-3's hooks (a
+    replica left with the first step's weights would not: the optimiser changes them),
+    the policy's own expert runs once per step (the supervised and AWR call) and the
+    replica's FLOW_STEPS times, and ZeRO-3 fetches fewer parameters."""
+    runs = {}
+    for replica in (False, True):
+        from deepspeed.runtime.zero.partitioned_param_coordinator import (
+            PartitionedParameterCoordinator,
+        )
+
+        fetches = {"n": 0}
+        fetch = PartitionedParameterCoordinator.fetch_sub_module
+
+        def counted(self, module, forward, fetches=fetches, fetch=fetch):
+            fetches["n"] += 1
+            return fetch(self, module, forward)
+
+        monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counted)
+        engine, policy = tiny_engine(3, {}, zero3_sampling_replica=replica)
+        counts = {"policy": 0, "replica": 0}
+        count_calls(policy.expert, counts, "policy")
+        if replica:
+            count_calls(engine.module.sampling_replica.expert, counts, "replica")
+        batch = make_batch(2, height=96, width=128)
+        fetches["n"] = 0
+        losses = [train_step(engine, batch, SceneNoise([2 * s, 2 * s + 1]))[0].item()
+                  for s in range(3)]
+        runs[replica] = losses, fetches["n"], counts, engine
+    (eager, n_eager, counts_eager, _), (copied, n_copied, counts_copied, engine) = (
+        runs[False], runs[True])
+    assert copied == eager
+    assert counts_eager == {"policy": 3 * (1 + FLOW_STEPS), "replica": 0}
+    assert counts_copied == {"policy": 3, "replica": 3 * FLOW_STEPS}
+    assert n_copied < n_eager
+    replica = engine.module.sampling_replica
+    assert replica.refreshes == 3
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(replica.sources()):  # the weights after step 3
+        now = {k: v.clone() for k, v in engine.module.policy.expert.state_dict().items()}
+    assert any(not torch.equal(now[k], v) for k, v in replica.expert.state_dict().items())
+    engine.module.refresh_sampling_replica()
+    assert all(torch.equal(now[k], v) for k, v in replica.expert.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_zero3_sampling_replica_replays_one_graph_on_gpu(group):
+    """On CUDA the replica's Euler loop is captured once and replayed on every step (its
+    addresses stay put across refreshes), with the losses of ZeRO-3's eager sampling."""
+    from srdrl.policy.sampler import denoiser_for
+
+    batch = make_batch(2, height=96, width=128)
+    losses = {}
+    for replica in (False, True):
+        engine, _ = tiny_engine(3, {"use_cuda_graph": True}, zero3_sampling_replica=replica)
+        losses[replica] = [train_step(engine, batch, SceneNoise([2 * s, 2 * s + 1]))[0].item()
+                           for s in range(3)]
+    assert denoiser_for(engine.module.sampling_replica).captures == 1
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_sampling_replica_copies_the_weights_and_refuses_partitioned_ones():
+    """Known answer: after the policy's weights change, the replica's velocity is the old
+    one until ``refresh`` and the policy's after it; a parameter of the wrong shape (as a
+    ZeRO-3 partition is when not gathered) is an error naming it."""
+    from srdrl.policy.replica import SamplingReplica
+
+    torch.manual_seed(0)
+    config = PolicyConfig.tiny()
+    policy = VLAPolicy(config, build_tokenizer(config, REASONING)).eval()
+    replica = SamplingReplica(policy)
+    assert not any(p.requires_grad for p in replica.expert.parameters())
+    prefix = policy.encode_prefix(make_batch(2, height=96, width=128))
+    context = policy.expert_context(prefix, candidates=3)
+    x = torch.randn(6, config.num_waypoints, 2)
+    t = torch.rand(6)
+    before = policy.velocity(x, t, context)
+    with torch.no_grad():
+        for param in policy.expert.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    after = policy.velocity(x, t, context)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(replica.velocity(x, t, replica.expert_context(prefix, 3)),
+                               before, rtol=0, atol=0)
+    replica.refresh()
+    torch.testing.assert_close(replica.velocity(x, t, replica.expert_context(prefix, 3)),
+                               after, rtol=0, atol=0)
+    name, param = next(iter(policy.action_out_proj.named_parameters()))
+    param.data = torch.empty(0)
+    with pytest.raises(RuntimeError, match=f"action_out_proj.{name} is \\(0,\\) in the policy"):
+        replica.refresh()
 
 
 def test_vlm_layers_whole_refuses_gradient_checkpointing():

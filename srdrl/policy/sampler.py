@@ -21,7 +21,8 @@ optimisers update parameters in place; if a parameter is replaced (``.to()``, lo
 ``assign=True``) the stored data pointers no longer match and the loop is captured again.
 Autocast inside the graph runs with its weight-cast cache off, so casts are recomputed from
 the current weights on every replay. ZeRO-3 gathers and frees parameters through hooks and
-cannot be captured: call with ``use_cuda_graph=False`` inside ``GatheredParameters`` there.
+cannot be captured: call with ``use_cuda_graph=False`` inside ``GatheredParameters`` there,
+or sample from a ``srdrl.policy.replica.SamplingReplica`` (refreshed while gathered).
 """
 
 from __future__ import annotations
