@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -178,10 +179,19 @@ class Runner:
         self.chains([[t] for t in tasks])
 
     def chains(self, chains: list[list[tuple]]) -> None:
-        """Each chain's tasks one after another; ``jobs`` chains at a time."""
+        """Each chain's tasks one after another; ``jobs`` chains at a time. A chain's first
+        task makes what the others read (a fine-tuned policy): when it has to run again (a
+        chain cut short, its weights not kept), the outputs the others left from the
+        earlier run are removed first, so every report of a run comes from one policy."""
         def run(slot, chain):
             if chain[-1][2].exists():  # finished earlier: its policy may not be here at all
                 return
+            if not chain[0][2].exists():
+                for _module, _argv, done, _log in chain[1:]:
+                    if done.exists():
+                        shutil.rmtree(done.parent)
+                        print(f"  removed {done.parent} (from an earlier run of "
+                              f"{chain[0][3].stem})", flush=True)
             for task in chain:
                 self.one(slot, *task)
         with ThreadPoolExecutor(max(1, self.args.jobs)) as pool:
@@ -319,9 +329,9 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
         flags = {**FIXED_ARMS, **{candidate(v): best_flags(v) for v in variants}}
         levels = {**s["arm_levels"], **{candidate(v): [ABLATION_NOISE] for v in variants}}
         pick, choice = choose_when_ready(out, s)
-        if pick is not None:
+        if pick is not None:  # at ABLATION_NOISE srdrl_best is a link to the candidate
             flags["srdrl_best"] = flags[candidate(pick)]
-            levels["srdrl_best"] = s.get("best_levels", [])
+            levels["srdrl_best"] = [n for n in s.get("best_levels", []) if n != ABLATION_NOISE]
     else:
         pick = variants[0]
         flags = {**FIXED_ARMS, "srdrl_best": best_flags(pick),
@@ -420,7 +430,7 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"--eval_seeds {' '.join(map(str, unknown))}: not evaluation "
                              f"seeds of the {args.scale} scale ({s['eval_seeds']})")
-        s = dict(s, eval_seeds=args.eval_seeds)
+        s = dict(s, eval_seeds=sorted(set(args.eval_seeds)))
     if args.table_only:
         if "arm_levels" not in s:
             raise SystemExit(f"--table_only: the {args.scale} scale has no arms fixed in "

@@ -243,8 +243,9 @@ class TrainConfig:
     per rank, refreshed from the gathered parameters before each step's forward pass), so
     that the Euler loop replays a CUDA graph as at ZeRO-0-2 instead of running eagerly
     through ZeRO-3's hooks (srdrl/policy/replica.py). Costs the expert's bf16 weights once
-    more per rank. Losses are unchanged (tests/test_engine.py); off by default until its
-    speed is measured (benchmarks/bench_train_step.py, variant zero3_layers_replica)."""
+    more per rank. Losses are unchanged (tests/test_engine.py, on CPU); off by default until
+    its CUDA-graph path has run on a GPU and its speed is measured
+    (benchmarks/bench_train_step.py, variant zero3_layers_replica)."""
     optimizer: str = OPTIMIZERS[0]
     """Which AdamW steps the parameters: deepspeed_adamw (DeepSpeed builds it from the config's
     optimizer block; torch's foreach AdamW with torch_adam) or torch_fused_adamw (torch's

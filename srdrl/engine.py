@@ -252,7 +252,7 @@ class SRDRLModule(nn.Module):
         ``zero3_gather_expert_whole``; an explicit ``GatheredParameters`` cannot be
         released inside the engine's forward pass while the module is still active)."""
         o = self.objective
-        replica = self.sampling_replica
+        replica = self.sampling_replica and self.sampling_replica.take()
         was_training = self.policy.training
         self.policy.eval()  # no adapter dropout while sampling (nor inside a captured graph)
         try:

@@ -136,7 +136,8 @@ def test_zero3_sampling_replica_gives_the_same_losses(group, monkeypatch):
     step, so three ZeRO-3 steps give the losses of sampling through ZeRO-3's hooks (a
     replica left with the first step's weights would not: the optimiser changes them),
     the policy's own expert runs once per step (the supervised and AWR call) and the
-    replica's FLOW_STEPS times, and ZeRO-3 fetches fewer parameters."""
+    replica's FLOW_STEPS times, and ZeRO-3 fetches fewer parameters. A forward pass
+    without a refresh before it is an error, not a sample from stale weights."""
     runs = {}
     for replica in (False, True):
         from deepspeed.runtime.zero.partitioned_param_coordinator import (
@@ -176,6 +177,9 @@ def test_zero3_sampling_replica_gives_the_same_losses(group, monkeypatch):
     assert any(not torch.equal(now[k], v) for k, v in replica.expert.state_dict().items())
     engine.module.refresh_sampling_replica()
     assert all(torch.equal(now[k], v) for k, v in replica.expert.state_dict().items())
+    engine(make_batch(2, height=96, width=128), SceneNoise([6, 7]))  # takes the fresh copy
+    with pytest.raises(RuntimeError, match="not refreshed since it was last sampled"):
+        engine(make_batch(2, height=96, width=128), SceneNoise([8, 9]))
 
 
 @pytest.mark.gpu

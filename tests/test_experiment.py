@@ -154,6 +154,41 @@ def test_table_only_tabulates_what_is_in_and_names_the_rest(tmp_path, monkeypatc
         exp.main([*argv[:-1], "--eval_seeds", "0"])
 
 
+def test_a_chain_that_fine_tunes_again_drops_the_reports_of_the_earlier_policy(tmp_path):
+    """A chain cut short (its policy not kept, one evaluation done): the fine-tuning runs
+    again, so the evaluation left from the earlier policy is removed and redone; with the
+    policy there, finished evaluations are kept."""
+    import noisy_label_experiment as exp
+
+    ran = []
+
+    class Recording(exp.Runner):
+        def one(self, slot, module, argv, done, log):
+            if done.exists():
+                return
+            ran.append(done.parent.name)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text("new")
+
+    def task(name):
+        return ("module", [], tmp_path / name / "report.json", tmp_path / f"{name}.log")
+
+    chain = [task("policy"), task("eval_seed0"), task("eval_seed1")]
+    earlier = tmp_path / "eval_seed0"
+    earlier.mkdir()
+    (earlier / "report.json").write_text("old")
+    (earlier / "picture.png").write_text("")
+    runner = Recording(exp.parse_args(["--out", str(tmp_path), "--jobs", "1"]))
+    runner.chains([chain])
+    assert ran == ["policy", "eval_seed0", "eval_seed1"]
+    assert (earlier / "report.json").read_text() == "new"
+    assert not (earlier / "picture.png").exists()
+    ran.clear()
+    (tmp_path / "eval_seed1" / "report.json").unlink()
+    runner.chains([chain])
+    assert ran == ["eval_seed1"]
+
+
 @pytest.mark.heavy
 def test_smoke_scale_runs_end_to_end(tmp_path):
     import noisy_label_experiment as exp

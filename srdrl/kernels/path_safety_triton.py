@@ -4,11 +4,12 @@ Two launches, no host syncs, no data-dependent shapes and nothing allocated but 
 outputs, a (3, B*N*T) float32 scratch of patch mean colours and a (B, G, 3) int32 scratch of
 reference-colour partial sums, so the whole call can be captured in a CUDA graph:
 
-1. ``_patch_statistics_kernel``, one program (one warp) per waypoint, grid B*N*T + B*G:
-   project the point in float64 from K and T (in srdrl.camera's order), walk its clipped
-   P x P crop row by row (unmasked when the crop lies wholly inside the image, the common
-   case; masked row by row when the border clips it), and keep the Laplacian's integer
-   moments and the colour sums in registers; write variance, mean colour and visibility.
+1. ``_patch_statistics_kernel``, one program (one warp for P <= 64) per waypoint, grid
+   B*N*T + B*G: project the point in float64 from K and T (in srdrl.camera's order), walk
+   its clipped P x P crop row by row (unmasked when the crop lies wholly inside the image,
+   the common case; masked row by row when the border clips it), and keep the Laplacian's
+   integer moments and the colour sums in registers; write variance, mean colour and
+   visibility.
    The last B*G programs (none when ``ref_rgb`` is given) each sum R, G, B over one tile
    of rows of a scene's bottom-centre region instead, in integers.
 2. ``_candidate_safety_kernel``: per candidate, the reference colour (the scene's partial
@@ -50,7 +51,7 @@ register zeroing, selects for the row and lane masks, 64-bit row compares); a cr
 inside the image needs none of them and its walk is ~21 per row (counted in the compiled
 loop bodies). The kernel issues instructions at about that
 rate: 65536 waypoints x 32 rows x 36 instructions is ~140K cycles per SM of an H200, about
-half of the 135 us the large case took on the masked walk alone. Most crops are interior,
+half of the 135 us the large case then took on the masked walk alone. Most crops are interior,
 so they take the short walk.
 
 Projection: from K and T inside the kernel (21 scalar loads, a few float64 operations per
@@ -70,8 +71,9 @@ from .path_safety_common import GRAY_SHIFT, GRAY_WEIGHTS, PathSafety, reference_
 
 ROW_UNROLL = 8
 """Unroll factor of the loops over a patch's rows: best of 2, 4, 8, 12, 16 with the interior
-walk on an H200 (large case 100.7 us at 8, 106.7 at 4, 104.6 at 16; small case 14.7 us at
-4 and 8); 4 was best of 2, 4, 8 on an H100 before the interior walk existed."""
+walk on an H200, before the reference colour moved into the patch kernel (large case 100.7
+us at 8, 106.7 at 4, 104.6 at 16; small case 14.7 us at 4 and 8); 4 was best of 2, 4, 8 on
+an H100 before the interior walk existed."""
 
 
 @triton.jit
@@ -477,13 +479,15 @@ def path_safety_triton(
     # One warp per program over a small (candidates, T) tile: a 32 x 64 tile held 251
     # registers per thread (a pointer per element) and took 8 us at the small size.
     t_block = min(triton.next_power_of_2(T), 1024)
-    candidates = max(1, 128 // t_block)
+    group_block = triton.next_power_of_2(max(groups, 1))
+    # ... and a (candidates, G) tile of partial sums: few candidates where G is large
+    candidates = max(1, min(128 // t_block, 4096 // group_block))
     ref = partial if ref_rgb is None else ref_rgb.to(torch.float32).contiguous()
     _candidate_safety_kernel[(triton.cdiv(B * N, candidates),)](
         out.variance, colour, out.visible.view(torch.uint8), ref, out.colour_distance,
         out.safety, B * N, N, T, groups, (r1 - r0) * (c1 - c0),
         float(texture_scale), float(colour_scale),
         CANDIDATES=candidates, T_BLOCK=t_block, REF_GIVEN=ref_rgb is not None,
-        GROUP_BLOCK=triton.next_power_of_2(max(groups, 1)), num_warps=1,
+        GROUP_BLOCK=group_block, num_warps=1,
     )
     return out

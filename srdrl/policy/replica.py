@@ -44,6 +44,8 @@ class SamplingReplica:
             setattr(self, name, module)
         self.refreshes = 0
         """How many times the weights were copied in (for tests and logs)."""
+        self.fresh = False
+        """Refreshed since it was last sampled from (``take``)."""
 
     expert_context = VLAPolicy.expert_context
     velocity = VLAPolicy.velocity
@@ -80,3 +82,14 @@ class SamplingReplica:
                         mine.data = torch.empty_like(value)
                     mine.copy_(value)
         self.refreshes += 1
+        self.fresh = True
+
+    def take(self) -> SamplingReplica:
+        """The replica, to sample from once: an error unless it was refreshed since the
+        last time (it would hold an earlier step's weights, or none on this device)."""
+        if not self.fresh:
+            raise RuntimeError("the ZeRO-3 sampling replica was not refreshed since it was "
+                               "last sampled from: call SRDRLModule.refresh_sampling_replica() "
+                               "before each forward pass (srdrl.engine.train_step does)")
+        self.fresh = False
+        return self
