@@ -35,7 +35,13 @@ from collections.abc import Callable
 
 import torch
 
-from .path_safety_common import BACKENDS, PathSafety
+from .path_safety_common import (
+    BACKENDS,
+    COLOUR_SCALE,
+    PATCH_SIZE,
+    TEXTURE_SCALE,
+    PathSafety,
+)
 
 
 def _check_tensor(name: str, x, rank: int, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -114,9 +120,9 @@ def path_safety(
     K: torch.Tensor,
     T_cam_from_ego: torch.Tensor,
     *,
-    patch_size: int = 32,
-    texture_scale: float = 1000.0,
-    colour_scale: float = 0.5,
+    patch_size: int = PATCH_SIZE,
+    texture_scale: float = TEXTURE_SCALE,
+    colour_scale: float = COLOUR_SCALE,
     ref_rgb: torch.Tensor | None = None,
     backend: str = "auto",
     check_finite: bool = True,

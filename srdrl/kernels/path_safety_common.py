@@ -23,6 +23,15 @@ BACKENDS = ("auto", "triton", "kornia", "reference")
 GRAY_SHIFT = 15
 GRAY_WEIGHTS = (9798, 19235, 3735)
 
+# The scoring parameters' defaults, shared by the dispatcher and every backend (srdrl's
+# RewardConfig has the same values: safety_patch_size, texture_scale, colour_scale).
+PATCH_SIZE = 32
+"""Side of the square patch scored around each waypoint, pixels."""
+TEXTURE_SCALE = 1000.0
+"""Laplacian variance (grey levels^2) that counts as fully rough."""
+COLOUR_SCALE = 0.5
+"""Colour distance (RGB / 255) that counts as fully inconsistent."""
+
 
 class PathSafety(NamedTuple):
     """Scores of B scenes x N candidates x T waypoints.

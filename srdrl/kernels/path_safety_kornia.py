@@ -15,7 +15,15 @@ import torch
 
 from srdrl.camera import project_points, visible
 
-from .path_safety_common import GRAY_SHIFT, GRAY_WEIGHTS, PathSafety, reference_colour
+from .path_safety_common import (
+    COLOUR_SCALE,
+    GRAY_SHIFT,
+    GRAY_WEIGHTS,
+    PATCH_SIZE,
+    TEXTURE_SCALE,
+    PathSafety,
+    reference_colour,
+)
 
 # cv2.Laplacian with ksize=1.
 LAPLACIAN_4 = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -82,9 +90,9 @@ def path_safety_kornia(
     K: torch.Tensor,
     T_cam_from_ego: torch.Tensor,
     *,
-    patch_size: int = 32,
-    texture_scale: float = 1000.0,
-    colour_scale: float = 0.5,
+    patch_size: int = PATCH_SIZE,
+    texture_scale: float = TEXTURE_SCALE,
+    colour_scale: float = COLOUR_SCALE,
     ref_rgb: torch.Tensor | None = None,
     chunk_patches: int = 4096,
 ) -> PathSafety:

@@ -67,7 +67,15 @@ import triton.language as tl
 
 from srdrl.camera import MIN_DEPTH
 
-from .path_safety_common import GRAY_SHIFT, GRAY_WEIGHTS, PathSafety, reference_region
+from .path_safety_common import (
+    COLOUR_SCALE,
+    GRAY_SHIFT,
+    GRAY_WEIGHTS,
+    PATCH_SIZE,
+    TEXTURE_SCALE,
+    PathSafety,
+    reference_region,
+)
 
 ROW_UNROLL = 8
 """Unroll factor of the loops over a patch's rows: best of 2, 4, 8, 12, 16 with the interior
@@ -428,9 +436,9 @@ def path_safety_triton(
     K: torch.Tensor,
     T_cam_from_ego: torch.Tensor,
     *,
-    patch_size: int = 32,
-    texture_scale: float = 1000.0,
-    colour_scale: float = 0.5,
+    patch_size: int = PATCH_SIZE,
+    texture_scale: float = TEXTURE_SCALE,
+    colour_scale: float = COLOUR_SCALE,
     ref_rgb: torch.Tensor | None = None,
     out: PathSafety | None = None,
     interior_fast_path: bool = True,

@@ -18,7 +18,13 @@ import torch
 
 from srdrl.camera import project_points, visible
 
-from .path_safety_common import PathSafety, reference_colour
+from .path_safety_common import (
+    COLOUR_SCALE,
+    PATCH_SIZE,
+    TEXTURE_SCALE,
+    PathSafety,
+    reference_colour,
+)
 
 __all__ = ["path_safety_reference", "patch_statistics", "reference_colour"]
 
@@ -56,9 +62,9 @@ def path_safety_reference(
     K: torch.Tensor,
     T_cam_from_ego: torch.Tensor,
     *,
-    patch_size: int = 32,
-    texture_scale: float = 1000.0,
-    colour_scale: float = 0.5,
+    patch_size: int = PATCH_SIZE,
+    texture_scale: float = TEXTURE_SCALE,
+    colour_scale: float = COLOUR_SCALE,
     ref_rgb: torch.Tensor | None = None,
 ) -> PathSafety:
     """:func:`srdrl.kernels.path_safety` one waypoint at a time; returns float64 scores.
