@@ -19,8 +19,14 @@ def run_name(arm: str, noise: float, seed: int) -> str:
     return f"{arm}_noise{noise:g}_seed{seed}"
 
 
+def eval_dir(out: Path, name: str, tag: str, seed: int) -> Path:
+    """Where run ``name``'s evaluation on split ``tag`` with evaluation seed ``seed`` is
+    written (its ``eval_report.json`` marks it done)."""
+    return out / "runs" / name / f"eval_{tag}_seed{seed}"
+
+
 def read_eval(out: Path, name: str, tag: str, seed: int) -> tuple[dict, dict, list[dict]]:
-    dest = out / "runs" / name / f"eval_{tag}_seed{seed}"
+    dest = eval_dir(out, name, tag, seed)
     modes = json.loads((dest / "eval_report.json").read_text())["evaluation"]["modes"]
     rows = [json.loads(x) for x in (dest / "eval_scenes.jsonl").read_text().splitlines()]
     return modes["generated"], modes.get("oracle", {}), rows
@@ -36,7 +42,7 @@ def on_training_scenes(out: Path, name: str) -> dict:
     """From a run's evaluation on its own training scenes, where there is one: the share of
     noisy labels the policy left behind (its prediction nearer the clean path than the
     label) and the pictures drawn."""
-    path = out / "runs" / name / "eval_train_seed0" / "eval_report.json"
+    path = eval_dir(out, name, "train", 0) / "eval_report.json"
     if not path.is_file():
         return {"train_noisy_left_behind (base 0)": None}
     report = json.loads(path.read_text())

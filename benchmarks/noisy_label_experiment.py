@@ -43,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment_table import (  # noqa: E402
     TABLE_METRICS,
+    eval_dir,
     mean_present,
     read_eval,
     report,
@@ -258,7 +259,7 @@ def finetune_task(out: Path, s: dict, arm: str, noise: float, base_seed: int,
 
 def eval_task(out: Path, name: str, split: Path, tag: str, seed: int, s: dict,
               pictures: int = 0, oracle: bool = True) -> tuple:
-    dest = out / "runs" / name / f"eval_{tag}_seed{seed}"
+    dest = eval_dir(out, name, tag, seed)
     # the oracle-reasoning diagnostic on the first evaluation seed only
     first = oracle and seed == s["eval_seeds"][0]
     modes = ["generated", "oracle"] if first else ["generated"]
@@ -333,7 +334,6 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
             flags["srdrl_best"] = flags[candidate(pick)]
             levels["srdrl_best"] = [n for n in s.get("best_levels", []) if n != ABLATION_NOISE]
     else:
-        pick = variants[0]
         flags = {**FIXED_ARMS, "srdrl_best": best_flags(pick),
                  **{a: best_flags(pick) + extra for a, extra in ADDITIONS.items()},
                  **ablations(pick)}
@@ -370,18 +370,16 @@ def fixed_arms(runner: Runner, out: Path, s: dict, args, data: dict) -> int:
         runner.chains(chains)
     if choosing and pick is None:  # the candidates' validation may have come in just now
         pick, choice = choose_when_ready(out, s)
-        if pick is not None:
-            flags["srdrl_best"] = flags[candidate(pick)]
     if choosing and pick is not None:
+        flags["srdrl_best"] = flags[candidate(pick)]
         link_chosen(out, s, pick)
         run_levels = {**run_levels, "srdrl_best": sorted(
             {*run_levels.get("srdrl_best", []), ABLATION_NOISE})}
     meta = {"scale": args.scale, "settings": s, "data": data, "choice": choice}
     if args.table_only:
         done = {a: [n for n in ns if all(
-            (out / "runs" / run_name(a, n, b) / f"eval_test_seed{e}" / "eval_report.json")
-            .is_file() for b in s["base_seeds"] for e in s["eval_seeds"])]
-            for a, ns in run_levels.items()}
+            (eval_dir(out, run_name(a, n, b), "test", e) / "eval_report.json").is_file()
+            for b in s["base_seeds"] for e in s["eval_seeds"])] for a, ns in run_levels.items()}
         meta["not_run"] = [f"{a} at noise {n:g}" for a, ns in run_levels.items() for n in ns
                            if n not in done[a]]
         run_levels = {a: ns for a, ns in done.items() if ns}
@@ -395,8 +393,8 @@ def choose_when_ready(out: Path, s: dict) -> tuple[str | None, dict]:
     """:func:`choose` once the validation reports of every candidate and of supervised are
     all in; (None, a pending note) before."""
     ready = [candidate(v) for v in s["variants"]] + ["supervised"]
-    if not all((out / "runs" / run_name(a, ABLATION_NOISE, b) / "eval_val_seed0" /
-                "eval_report.json").is_file() for a in ready for b in s["base_seeds"]):
+    if not all((eval_dir(out, run_name(a, ABLATION_NOISE, b), "val", 0) / "eval_report.json")
+               .is_file() for a in ready for b in s["base_seeds"]):
         return None, {"chosen": None, "pending": "validation reports of every candidate and "
                                                  "of supervised are not all in yet"}
     return choose(out, s)

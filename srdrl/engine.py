@@ -223,23 +223,23 @@ class SRDRLModule(nn.Module):
         self.zero_stage = zero_stage
         self.sampler, self.scorer = sampler, scorer
         # At ZeRO-3, a copy of the sampling side that the sampler's CUDA graph can read
-        # (srdrl/policy/replica.py); a plain attribute, so DeepSpeed does not wrap it.
-        replica = (SamplingReplica(policy) if zero_stage == 3 and zero3_sampling_replica
-                   and objective.rl_loss_weight > 0 else None)
-        object.__setattr__(self, "sampling_replica", replica)
+        # (srdrl/policy/replica.py); not a Module, so not a submodule DeepSpeed would wrap.
+        self.sampling_replica = (SamplingReplica(policy) if zero_stage == 3
+                                 and zero3_sampling_replica and objective.rl_loss_weight > 0
+                                 else None)
         if zero_stage == 3:
             gather_whole(policy, zero3_gather_expert_whole, zero3_gather_vlm_layers_whole)
 
-    def refresh_sampling_replica(self) -> None:
+    def refresh_sampling_replica(self, timer=NULL_TIMER) -> None:
         """Before the forward pass (``train_step``): copy the current sampling weights into
-        the ZeRO-3 sampling replica, gathered for the copy and released after; nothing
-        without a replica."""
+        the ZeRO-3 sampling replica, gathered for the copy and released after (timed as
+        sampling, whose cost it is); nothing without a replica."""
         replica = self.sampling_replica
         if replica is None:
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(replica.sources()):
+        with timer.section("sampling"), deepspeed.zero.GatheredParameters(replica.sources()):
             replica.refresh()
 
     @torch.no_grad()
@@ -328,8 +328,7 @@ def train_step(engine, batch: dict, generator, timer=NULL_TIMER, guard: Divergen
     applies it at the end of an accumulation window). Returns the loss and the step's
     metrics (floats). With a ``guard``, a non-finite loss or gradient raises
     ``DivergenceError`` before anything is updated."""
-    with timer.section("sampling"):  # the ZeRO-3 replica's copy is sampling's cost
-        engine.module.refresh_sampling_replica()
+    engine.module.refresh_sampling_replica(timer)
     loss, metrics = engine(batch, generator, timer)
     if guard is not None:
         guard.check_loss(engine, metrics["loss"])
