@@ -8,6 +8,8 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
   zero2_liger   zero2_graph with --liger_kernels (Liger's RMSNorm, rotary and SwiGLU kernels)
   zero2_liger_norms, zero2_liger_swiglu  zero2_graph with only Liger's RMSNorm and rotary,
                 or only its SwiGLU (which kernel costs or saves what)
+  zero2_compile zero2_graph with --compile_layers (inductor on the expert's layers and the
+                VLM text layers' MLPs and RMSNorms; aot_eager with --smoke)
   zero3         ZeRO-3, sampling inside the forward pass, eager (ZeRO-3's hooks gather the
                 expert's parameters submodule by submodule as it runs)
   zero3_whole   zero3 gathering the expert as one unit per call
@@ -88,7 +90,7 @@ from common import (  # noqa: E402
 from srdrl.config import OPTIMIZERS  # noqa: E402
 
 VARIANTS = ("zero2_graph", "zero2_eager", "zero2_liger", "zero2_liger_norms",
-            "zero2_liger_swiglu", "zero3", "zero3_whole", "zero3_prefetch",
+            "zero2_liger_swiglu", "zero2_compile", "zero3", "zero3_whole", "zero3_prefetch",
             "zero3_whole_prefetch", "zero3_layers", "zero3_layers_prefetch",
             "zero3_layers_replica", "original")
 LIGER_VARIANTS = {"zero2_liger": ("rms_norm", "rope", "swiglu"),
@@ -188,7 +190,8 @@ def run_variant(name, optimizer, args, batch, texts, peak):
                                                     "torch_adam": True}},
           "steps_per_print": 10**9}
     objective = ObjectiveConfig(num_trajectory_samples=args.samples, flow_steps=args.flow_steps,
-                                use_cuda_graph=name in ("zero2_graph", "zero3_layers_replica")
+                                use_cuda_graph=name in ("zero2_graph", "zero2_compile",
+                                                        "zero3_layers_replica")
                                 or name in LIGER_VARIANTS)
     backend = "reference" if name == "original" else ("triton" if cuda else "kornia")
     rewards = RewardConfig(scoring_backend=backend)
@@ -203,6 +206,9 @@ def run_variant(name, optimizer, args, batch, texts, peak):
     if name in LIGER_VARIANTS:
         from srdrl.policy.fused_kernels import apply_liger_kernels
         apply_liger_kernels(module.policy.cuda(), LIGER_VARIANTS[name])
+    if name == "zero2_compile":
+        from srdrl.policy.compiled_layers import compile_policy_layers
+        compile_policy_layers(module.policy, "inductor" if cuda else "aot_eager")
     engine, _ = initialize_engine(module, ds, optimizer)
     # As in training, the DataLoader's workers build the VLM inputs ahead of the step.
     batch = {**batch, VLM_INPUTS_KEY: module.policy.input_builder(batch)}
@@ -253,6 +259,7 @@ def ratios(results: dict) -> dict:
                                ("zero2_graph", "zero2_liger_norms", "liger_norms_vs_unfused_step"),
                                ("zero2_graph", "zero2_liger_swiglu",
                                 "liger_swiglu_vs_unfused_step"),
+                               ("zero2_graph", "zero2_compile", "compile_vs_eager_layers_step"),
                                ("zero3", "zero2_graph", "zero3_over_zero2_step"),
                                ("zero3_prefetch", "zero2_graph", "zero3_prefetch_over_zero2_step"),
                                ("zero3", "zero3_prefetch", "zero3_prefetch_vs_zero3_step"),

@@ -229,6 +229,7 @@ def count_step_flops(module, one_step: Callable, checkpointing: bool = False):
     """FLOPs of one step, per section; see the module docstring."""
     from dataclasses import replace
 
+    from srdrl.policy.compiled_layers import eager_layers
     from srdrl.policy.kv_recompute import set_vlm_gradient_checkpointing
     from srdrl.timing import FlopSections
 
@@ -237,7 +238,9 @@ def count_step_flops(module, one_step: Callable, checkpointing: bool = False):
     if checkpointing:
         set_vlm_gradient_checkpointing(module.policy, False)
     try:
-        with FlopSections() as flops:
+        # compiled layers (--compile_layers) counted eagerly: the same model FLOPs, and a
+        # dispatch mode cannot see inside inductor's kernels
+        with FlopSections() as flops, eager_layers():
             one_step(flops)
     finally:
         module.objective = objective

@@ -272,6 +272,11 @@ class TrainConfig:
     liger_kernels: bool = False
     """Run the VLM's and the expert's RMSNorm, SwiGLU and the VLM's rotary embedding on
     Liger-Kernel's fused Triton kernels (srdrl/policy/fused_kernels.py); CUDA only."""
+    compile_layers: bool = False
+    """torch.compile (inductor) the action expert's layers and the VLM text layers' MLPs and
+    RMSNorms, module by module (srdrl/policy/compiled_layers.py); ZeRO stages 0-2. The
+    first steps compile (tens of seconds). Off until its step time is measured
+    (benchmarks/bench_train_step.py, variant zero2_compile)."""
     gradient_checkpointing: bool = False
     """Checkpoint the VLM's decoder layers (recompute activations in the backward pass); the
     prefix keys/values the expert reads are recomputed from each layer's input."""

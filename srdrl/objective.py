@@ -47,6 +47,7 @@ from srdrl.anchors import anchor_candidates
 from srdrl.config import ObjectiveConfig, RewardConfig
 from srdrl.data.dataset import scored_images
 from srdrl.exploration import trajectory_noise
+from srdrl.policy.compiled_layers import eager_layers
 from srdrl.policy.generation import generate_reasoning, reasoning_prefix
 from srdrl.policy.model import Prefix, VLAPolicy
 from srdrl.policy.sampler import sample_trajectories
@@ -165,8 +166,9 @@ def self_reflective_prefix(policy: VLAPolicy, batch: dict, cfg: ObjectiveConfig,
     """The policy's own reasoning for the batch, the prefix of prompt + that reasoning, and
     metrics (0-d tensors): the text's agreement with the dataset's and the share of scenes
     whose generation ended at a stop token."""
-    reasoning = generate_reasoning(policy, batch, temperature=cfg.rollout_temperature,
-                                   top_p=cfg.rollout_top_p, generator=generator)
+    with eager_layers():  # compiled layers (--compile_layers) would recompile per token
+        reasoning = generate_reasoning(policy, batch, temperature=cfg.rollout_temperature,
+                                       top_p=cfg.rollout_top_p, generator=generator)
     prefix = reasoning_prefix(policy, batch, "generated", reasoning)
     agree = agreement(reasoning.texts, list(batch["reasoning_text"]))
     agree["stopped"] = sum(reasoning.stopped) / len(reasoning.stopped)

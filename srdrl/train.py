@@ -72,6 +72,7 @@ from srdrl.errors import UserError, run_command
 from srdrl.metrics_log import MetricsLog
 from srdrl.optimizer import DEFAULT_OPTIMIZER
 from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer
+from srdrl.policy.compiled_layers import check_compile_layers, compile_policy_layers
 from srdrl.policy.fused_kernels import apply_liger_kernels, check_liger_device
 from srdrl.policy.kv_recompute import set_vlm_gradient_checkpointing
 from srdrl.policy.lora import (
@@ -228,6 +229,8 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     prepare_output_dir(out, resume=resuming, overwrite=cfg.overwrite_output_dir, rank=rank)
     ds_config = resolve_deepspeed_config(cfg, world)
     zero_stage = zero_stage_of(ds_config)
+    if cfg.compile_layers:
+        check_compile_layers(zero_stage)
     lora = lora or LoraSettings()
     full_config = {"train": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective),
                    "rewards": dataclasses.asdict(rewards), "lora": dataclasses.asdict(lora),
@@ -261,6 +264,11 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
         fused = apply_liger_kernels(policy.to(device))
         if rank == 0:
             print(f"Liger kernels: {fused}")
+    if cfg.compile_layers:
+        compiled = compile_policy_layers(policy)
+        if rank == 0:
+            print(f"torch.compile (inductor), module by module: {compiled}; the first steps "
+                  "compile")
     if cfg.gradient_checkpointing:
         set_vlm_gradient_checkpointing(policy)
     anchors = training_anchors(dataset, policy, objective.num_anchors, train_path, rank,
