@@ -183,13 +183,14 @@ class Runner:
         """Each chain's tasks one after another; ``jobs`` chains at a time. A chain's first
         task makes what the others read (a fine-tuned policy): when it has to run again (a
         chain cut short, its weights not kept), the outputs the others left from the
-        earlier run are removed first, so every report of a run comes from one policy."""
+        earlier run, finished or cut short, are removed first, so every file of a run's
+        reports comes from one policy."""
         def run(slot, chain):
             if chain[-1][2].exists():  # finished earlier: its policy may not be here at all
                 return
             if not chain[0][2].exists():
                 for _module, _argv, done, _log in chain[1:]:
-                    if done.exists():
+                    if done.parent.exists():
                         shutil.rmtree(done.parent)
                         print(f"  removed {done.parent} (from an earlier run of "
                               f"{chain[0][3].stem})", flush=True)

@@ -155,9 +155,9 @@ def test_table_only_tabulates_what_is_in_and_names_the_rest(tmp_path, monkeypatc
 
 
 def test_a_chain_that_fine_tunes_again_drops_the_reports_of_the_earlier_policy(tmp_path):
-    """A chain cut short (its policy not kept, one evaluation done): the fine-tuning runs
-    again, so the evaluation left from the earlier policy is removed and redone; with the
-    policy there, finished evaluations are kept."""
+    """A chain cut short (its policy not kept, one evaluation done, one cut short): the
+    fine-tuning runs again, so what the evaluations left from the earlier policy is removed
+    and they are redone; with the policy there, finished evaluations are kept."""
     import noisy_label_experiment as exp
 
     ran = []
@@ -178,11 +178,15 @@ def test_a_chain_that_fine_tunes_again_drops_the_reports_of_the_earlier_policy(t
     earlier.mkdir()
     (earlier / "report.json").write_text("old")
     (earlier / "picture.png").write_text("")
+    cut = tmp_path / "eval_seed1"  # cut short: no report, a file of the earlier policy
+    cut.mkdir()
+    (cut / "scenes.jsonl").write_text("old")
     runner = Recording(exp.parse_args(["--out", str(tmp_path), "--jobs", "1"]))
     runner.chains([chain])
     assert ran == ["policy", "eval_seed0", "eval_seed1"]
     assert (earlier / "report.json").read_text() == "new"
     assert not (earlier / "picture.png").exists()
+    assert not (cut / "scenes.jsonl").exists()
     ran.clear()
     (tmp_path / "eval_seed1" / "report.json").unlink()
     runner.chains([chain])
