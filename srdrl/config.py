@@ -238,14 +238,15 @@ class TrainConfig:
     (tests/test_engine.py). Unset (the default): on, unless --gradient_checkpointing is set,
     whose key/value recomputation calls a layer's projections outside the layer's own
     forward; 'true' or 'false' sets it (true with --gradient_checkpointing is an error)."""
-    zero3_sampling_replica: bool = False
+    zero3_sampling_replica: bool = True
     """At ZeRO-3, sample from a copy of the action expert and projections (one whole copy
     per rank, refreshed from the gathered parameters before each step's forward pass), so
     that the Euler loop replays a CUDA graph as at ZeRO-0-2 instead of running eagerly
     through ZeRO-3's hooks (srdrl/policy/replica.py). Costs the expert's bf16 weights once
-    more per rank. Losses are unchanged (tests/test_engine.py, on CPU); off by default until
-    its CUDA-graph path has run on a GPU and its speed is measured
-    (benchmarks/bench_train_step.py, variant zero3_layers_replica)."""
+    more per rank. Losses are unchanged (tests/test_engine.py, on CPU and an H200); the
+    bench preset's ZeRO-3 step is 1.62x faster with it on one H200
+    (benchmarks/RESULTS.md). --no_zero3_sampling_replica samples through ZeRO-3's hooks,
+    eagerly (for a model whose expert does not fit twice)."""
     optimizer: str = OPTIMIZERS[0]
     """Which AdamW steps the parameters: deepspeed_adamw (DeepSpeed builds it from the config's
     optimizer block; torch's foreach AdamW with torch_adam) or torch_fused_adamw (torch's

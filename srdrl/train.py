@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     elif rank == 0 and zero_stage == 3 and objective.rl_loss_weight > 0:
         print("ZeRO-3: parameters are partitioned, so sampling runs eagerly inside the forward "
               "pass, ZeRO-3 gathering the expert's parameters as it runs (no CUDA graph; "
-              "--zero3_sampling_replica samples from a copy instead)")
+              "--no_zero3_sampling_replica)")
     elif rank == 0 and device.type == "cuda" and objective.use_cuda_graph:
         print(f"ZeRO-{zero_stage}: sampling replays a CUDA graph captured after "
               "deepspeed.initialize")
