@@ -51,15 +51,24 @@ def train_losses(policy, data, steps: int, cfg: ObjectiveConfig) -> list[float]:
     return losses
 
 
-def test_traced_layers_train_like_the_eager_ones_and_keep_their_names(data):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_traced_layers_train_like_the_eager_ones_and_keep_their_names(data, lora):
     from torch._dynamo.utils import counters
+
+    from srdrl.policy.lora import LoraSettings, apply_lora
 
     torch._dynamo.reset()
     counters.clear()
-    plain, compiled = twins("aot_eager", "cpu", torch.float32)
+    torch.manual_seed(0)
+    plain = VLAPolicy(PolicyConfig.tiny())
+    if lora:  # peft's adapters inside the compiled modules (no dropout: equal masks)
+        apply_lora(plain, LoraSettings(use_peft=True, lora_dropout=0.0))
+    compiled = copy.deepcopy(plain)
+    compile_policy_layers(compiled, "aot_eager")
     assert list(compiled.state_dict()) == list(plain.state_dict())
-    # with the AWR term and generated reasoning in the rollout (run eagerly inside)
-    cfg = ObjectiveConfig(num_trajectory_samples=3, rollout_reasoning="generated")
+    # with the AWR term, and generated reasoning in the rollout (run eagerly inside)
+    cfg = ObjectiveConfig(num_trajectory_samples=3,
+                          rollout_reasoning="dataset" if lora else "generated")
     plain_l = train_losses(plain, data, 3, cfg)
     compiled_l = train_losses(compiled, data, 3, cfg)
     assert plain_l[0] != plain_l[1]
