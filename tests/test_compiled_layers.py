@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from loss_curves import assert_trains_like, train_losses
 
-from srdrl.config import ObjectiveConfig, RewardConfig
+from srdrl.config import ObjectiveConfig
 from srdrl.data.dataset import JsonlDataset, collate
-from srdrl.objective import ConsistencyHeads, srdrl_loss
 from srdrl.policy.compiled_layers import (
     CompileLayersError,
     check_compile_layers,
@@ -32,23 +32,6 @@ def twins(backend: str, device: str, dtype: torch.dtype):
     assert counts == {"expert_layers": len(plain.expert.layers), "vlm_mlps": layers,
                       "vlm_rms_norms": 2 * layers}
     return plain, compiled
-
-
-def train_losses(policy, data, steps: int, cfg: ObjectiveConfig) -> list[float]:
-    ds = JsonlDataset(data)
-    torch.manual_seed(1)
-    heads = ConsistencyHeads.for_policy(policy).to(policy.device, next(policy.parameters()).dtype)
-    opt = torch.optim.AdamW([*policy.parameters(), *heads.parameters()], lr=3e-4)
-    losses = []
-    for step in range(steps):
-        batch = collate([ds[(4 * step + i) % len(ds)] for i in range(4)])
-        loss, _ = srdrl_loss(policy, heads, batch, cfg, RewardConfig(),
-                             generator=torch.Generator().manual_seed(step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -98,13 +81,7 @@ def test_inductor_layers_train_like_the_eager_ones_for_20_steps_on_gpu(data):
     torch._dynamo.reset()
     plain, compiled = twins("inductor", "cuda", torch.bfloat16)
     cfg = ObjectiveConfig(rl_loss_weight=0.0)  # no argmax over candidates to flip on rounding
-    plain_l = torch.tensor(train_losses(plain, data, 20, cfg))
-    compiled_l = torch.tensor(train_losses(compiled, data, 20, cfg))
-    assert torch.isfinite(compiled_l).all()
-    assert plain_l[-5:].mean() < 0.95 * plain_l[0]  # it trains: not a comparison of noise
-    rel = ((compiled_l - plain_l).abs() / plain_l.abs()).max().item()
-    assert rel < 0.03, (plain_l, compiled_l, rel)
-    assert abs(compiled_l[0] - plain_l[0]) / plain_l[0] < 0.01
+    assert_trains_like(train_losses(compiled, data, 20, cfg), train_losses(plain, data, 20, cfg))
 
 
 @pytest.mark.gpu

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from loss_curves import assert_trains_like, train_losses
 
-from srdrl.config import ObjectiveConfig, RewardConfig
+from srdrl.config import ObjectiveConfig
 from srdrl.data.dataset import JsonlDataset, collate
-from srdrl.objective import ConsistencyHeads, srdrl_loss
 from srdrl.policy.config import PolicyConfig
 from srdrl.policy.fused_kernels import FusedKernelsError, apply_liger_kernels, check_liger_device
 from srdrl.policy.model import VLAPolicy
@@ -47,29 +47,8 @@ def twins(monkeypatch):
 @needs_cuda
 def test_fused_policy_trains_like_the_unfused_one_for_20_steps(data, twins):
     plain, fused = twins
-    ds = JsonlDataset(data)
     cfg = ObjectiveConfig(rl_loss_weight=0.0)  # no argmax over candidates to flip on rounding
-    losses = {}
-    for name, policy in (("plain", plain), ("fused", fused)):
-        torch.manual_seed(1)
-        heads = ConsistencyHeads.for_policy(policy).cuda().to(torch.bfloat16)
-        opt = torch.optim.AdamW([*policy.parameters(), *heads.parameters()], lr=3e-4)
-        losses[name] = []
-        for step in range(20):
-            batch = collate([ds[(4 * step + i) % len(ds)] for i in range(4)])
-            loss, _ = srdrl_loss(policy, heads, batch, cfg, RewardConfig(),
-                                 generator=torch.Generator().manual_seed(step))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses[name].append(loss.item())
-    plain_l, fused_l = torch.tensor(losses["plain"]), torch.tensor(losses["fused"])
-    assert torch.isfinite(fused_l).all()
-    assert plain_l[-5:].mean() < 0.95 * plain_l[0]  # it trains: not a comparison of noise
-    # bf16 rounds to 2^-8 relative; 20 steps of differently rounded updates stay within 3%
-    rel = ((fused_l - plain_l).abs() / plain_l.abs()).max().item()
-    assert rel < 0.03, (losses, rel)
-    assert abs(fused_l[0] - plain_l[0]) / plain_l[0] < 0.01  # the same weights: one rounding
+    assert_trains_like(train_losses(fused, data, 20, cfg), train_losses(plain, data, 20, cfg))
 
 
 @pytest.mark.gpu
