@@ -230,17 +230,23 @@ class SRDRLModule(nn.Module):
         if zero_stage == 3:
             gather_whole(policy, zero3_gather_expert_whole, zero3_gather_vlm_layers_whole)
 
-    def refresh_sampling_replica(self, timer=NULL_TIMER) -> None:
+    def refresh_sampling_replica(self, timer=NULL_TIMER, weights_version=None) -> None:
         """Before the forward pass (``train_step``): copy the current sampling weights into
         the ZeRO-3 sampling replica, gathered for the copy and released after (timed as
-        sampling, whose cost it is); nothing without a replica."""
+        sampling, whose cost it is); nothing without a replica. ``weights_version``: the
+        optimiser steps taken so far (``engine.global_steps``); a replica that already
+        holds that step's weights is reused without a copy (the micro-steps of gradient
+        accumulation). None always copies."""
         replica = self.sampling_replica
         if replica is None:
+            return
+        if replica.holds(weights_version):
+            replica.reuse()
             return
         import deepspeed
 
         with timer.section("sampling"), deepspeed.zero.GatheredParameters(replica.sources()):
-            replica.refresh()
+            replica.refresh(weights_version)
 
     @torch.no_grad()
     def sample_candidates(self, batch: dict, generator, prefix) -> tuple:
@@ -328,7 +334,7 @@ def train_step(engine, batch: dict, generator, timer=NULL_TIMER, guard: Divergen
     applies it at the end of an accumulation window). Returns the loss and the step's
     metrics (floats). With a ``guard``, a non-finite loss or gradient raises
     ``DivergenceError`` before anything is updated."""
-    engine.module.refresh_sampling_replica(timer)
+    engine.module.refresh_sampling_replica(timer, engine.global_steps)
     loss, metrics = engine(batch, generator, timer)
     if guard is not None:
         guard.check_loss(engine, metrics["loss"])

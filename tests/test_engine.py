@@ -37,9 +37,9 @@ def count_calls(module: torch.nn.Module, counts: dict, key: str) -> None:
     module.register_forward_hook(hook)
 
 
-def tiny_engine(stage: int, objective: dict, **module_options):
-    """A DeepSpeed engine over a fresh tiny policy (seed 0), 2 scenes per step, and the
-    policy."""
+def tiny_engine(stage: int, objective: dict, accumulation: int = 1, **module_options):
+    """A DeepSpeed engine over a fresh tiny policy (seed 0), 2 scenes per micro-step,
+    ``accumulation`` micro-steps per optimiser step, and the policy."""
     torch.manual_seed(0)
     config = PolicyConfig.tiny()
     policy = VLAPolicy(config, build_tokenizer(config, REASONING))
@@ -47,8 +47,8 @@ def tiny_engine(stage: int, objective: dict, **module_options):
                                    "use_cuda_graph": False, **objective})
     module = SRDRLModule(policy, objective, RewardConfig(scoring_backend="kornia"),
                          zero_stage=stage, **module_options)
-    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "train_batch_size": 2, "zero_optimization": {"stage": stage},
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
+          "train_batch_size": 2 * accumulation, "zero_optimization": {"stage": stage},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
           "steps_per_print": 10**9}
     return initialize_engine(module, ds)[0], policy
@@ -180,6 +180,25 @@ def test_zero3_sampling_replica_gives_the_same_losses(group, monkeypatch):
     engine(make_batch(2, height=96, width=128), SceneNoise([6, 7]))  # takes the fresh copy
     with pytest.raises(RuntimeError, match="not refreshed since it was last sampled"):
         engine(make_batch(2, height=96, width=128), SceneNoise([8, 9]))
+
+
+@pytest.mark.slow
+def test_zero3_sampling_replica_copies_once_per_optimiser_step(group):
+    """Under gradient accumulation the weights change only at the optimiser step, so the
+    replica is copied once per step, not once per micro-step, with the losses of sampling
+    through ZeRO-3's hooks (four micro-steps, two optimiser steps: a copy not refreshed
+    after the first step would sample the old weights in micro-steps 3 and 4)."""
+    batch = make_batch(2, height=96, width=128)
+    losses = {}
+    for replica in (False, True):
+        engine, _ = tiny_engine(3, {}, accumulation=2, zero3_sampling_replica=replica)
+        losses[replica] = [train_step(engine, batch, SceneNoise([2 * s, 2 * s + 1]))[0].item()
+                           for s in range(4)]
+        assert engine.global_steps == 2
+    assert losses[True] == losses[False]
+    assert losses[True][2] != losses[True][0]  # the same batch after an update
+    replica = engine.module.sampling_replica
+    assert (replica.refreshes, replica.version) == (2, 1)
 
 
 @pytest.mark.gpu

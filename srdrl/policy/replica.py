@@ -5,8 +5,9 @@ hooks have gathered it, at an address that changes from one gather to the next, 
 Euler loop cannot be captured and runs eagerly (10 expert calls per step, each through the
 hooks). ``SamplingReplica`` holds its own copies of what the loop reads (the action expert
 and the two action projections, LoRA layers included), refreshed in place from the
-gathered parameters once per step, outside the engine's forward pass (where a
-``GatheredParameters`` can be released). The loop then reads only the replica, whose
+gathered parameters once per optimiser step (the micro-steps of gradient accumulation
+reuse the copy: the weights change only at the step), outside the engine's forward pass
+(where a ``GatheredParameters`` can be released). The loop then reads only the replica, whose
 addresses never change, so ``srdrl.policy.sampler.Denoiser`` captures it once and
 replays it, as at ZeRO-0-2. The price: one whole copy of the expert per rank (its bf16
 weights) and one gather of it per step, which eager sampling paid too.
@@ -44,6 +45,8 @@ class SamplingReplica:
             setattr(self, name, module)
         self.refreshes = 0
         """How many times the weights were copied in (for tests and logs)."""
+        self.version = None
+        """The optimiser step whose weights the copy holds (``refresh``'s ``version``)."""
         self.fresh = False
         """Refreshed since it was last sampled from (``take``)."""
 
@@ -58,11 +61,22 @@ class SamplingReplica:
         """The policy's parameters the replica copies (to gather before ``refresh``)."""
         return [p for name in SAMPLING_MODULES for p in getattr(self._policy, name).parameters()]
 
+    def holds(self, version) -> bool:
+        """Whether the copy already holds the weights of optimiser step ``version`` (never
+        for None: a caller that does not know the step always copies)."""
+        return version is not None and version == self.version
+
+    def reuse(self) -> None:
+        """Mark the copy fresh without copying: the policy's weights have not changed since
+        the last ``refresh`` (micro-steps of one optimiser step)."""
+        self.fresh = True
+
     @torch.no_grad()
-    def refresh(self) -> None:
+    def refresh(self, version=None) -> None:
         """Copy the policy's current sampling weights and buffers in, in place (the first
         time, the replica takes their device and dtype: DeepSpeed moves and casts the
-        policy after the replica was made). Call with the parameters whole: under
+        policy after the replica was made), and record ``version`` (the optimiser step they
+        are from). Call with the parameters whole: under
         ``deepspeed.zero.GatheredParameters(self.sources())`` at ZeRO-3."""
         for name in SAMPLING_MODULES:
             source, target = getattr(self._policy, name), getattr(self, name)
@@ -82,6 +96,7 @@ class SamplingReplica:
                         mine.data = torch.empty_like(value)
                     mine.copy_(value)
         self.refreshes += 1
+        self.version = version
         self.fresh = True
 
     def take(self) -> SamplingReplica:
