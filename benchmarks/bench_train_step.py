@@ -20,11 +20,13 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
                 over the expert need not gather it again)
   zero3_whole_prefetch  zero3_whole with the prefetch knobs of zero3_prefetch
   zero3_layers  zero3_whole with each VLM decoder layer and vision block gathered as one
-                unit too (--zero3_gather_vlm_layers_whole; srdrl-train's ZeRO-3 default)
+                unit too (--zero3_gather_vlm_layers_whole), sampling eagerly through
+                ZeRO-3's hooks (--no_zero3_sampling_replica)
   zero3_layers_prefetch  zero3_layers with the prefetch knobs of zero3_prefetch
   zero3_layers_replica  zero3_layers sampling from a copy of the expert refreshed before
                 each step, its Euler loop replayed from a CUDA graph
-                (--zero3_sampling_replica)
+                (--zero3_sampling_replica; with the layers whole, srdrl-train's ZeRO-3
+                default)
   original      the original pipeline's choices: one candidate at a time (each sample
                 re-encodes its scene and runs its own Euler loop at batch 1) and the
                 OpenCV reference loop for scoring, ZeRO-2
