@@ -275,9 +275,10 @@ class TrainConfig:
     Liger-Kernel's fused Triton kernels (srdrl/policy/fused_kernels.py); CUDA only."""
     compile_layers: bool = False
     """torch.compile (inductor) the action expert's layers and the VLM text layers' MLPs and
-    RMSNorms, module by module (srdrl/policy/compiled_layers.py); ZeRO stages 0-2. The
-    first steps compile (tens of seconds). Off until its step time is measured
-    (benchmarks/bench_train_step.py, variant zero2_compile)."""
+    RMSNorms, module by module (srdrl/policy/compiled_layers.py); ZeRO stages 0-2, not with
+    --liger_kernels. The bench preset's ZeRO-2 step is 1.13x faster with it on one H200
+    (benchmarks/RESULTS.md); off by default because every process first compiles for tens
+    of seconds (and on CPU inductor needs a C++ compiler)."""
     gradient_checkpointing: bool = False
     """Checkpoint the VLM's decoder layers (recompute activations in the backward pass); the
     prefix keys/values the expert reads are recomputed from each layer's input."""

@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
     ds_config = resolve_deepspeed_config(cfg, world)
     zero_stage = zero_stage_of(ds_config)
     if cfg.compile_layers:
-        check_compile_layers(zero_stage)
+        check_compile_layers(zero_stage, cfg.liger_kernels)
     lora = lora or LoraSettings()
     full_config = {"train": dataclasses.asdict(cfg), "objective": dataclasses.asdict(objective),
                    "rewards": dataclasses.asdict(rewards), "lora": dataclasses.asdict(lora),

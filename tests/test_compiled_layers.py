@@ -67,9 +67,11 @@ def test_traced_layers_train_like_the_eager_ones_and_keep_their_names(data, lora
         dict(counters["unimplemented"])
 
 
-def test_zero3_and_unknown_backends_are_one_line_errors():
+def test_zero3_liger_and_unknown_backends_are_one_line_errors():
     with pytest.raises(CompileLayersError, match="ZeRO stages 0-2"):
         check_compile_layers(3)
+    with pytest.raises(CompileLayersError, match="choose one"):
+        check_compile_layers(2, liger_kernels=True)
     check_compile_layers(2)
     with pytest.raises(CompileLayersError, match="unknown compile backend 'tvm'"):
         compile_policy_layers(VLAPolicy(PolicyConfig.tiny()), "tvm")

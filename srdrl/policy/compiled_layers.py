@@ -19,7 +19,8 @@ step sees a new cache length on every token.
 
 The CUDA-graph sampler captures the compiled expert layers after its warm-up has compiled
 them for the sampling shapes. ZeRO-3 is refused: its hooks gather parameters submodule by
-submodule around forward calls, which Dynamo would have to trace through.
+submodule around forward calls, which Dynamo would have to trace through. So is
+``--liger_kernels``, whose kernels would sit inside the compiled modules (not tried).
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ class CompileLayersError(ConfigError):
     """--compile_layers cannot be applied here."""
 
 
-def check_compile_layers(zero_stage: int) -> None:
+def check_compile_layers(zero_stage: int, liger_kernels: bool = False) -> None:
+    """A one-line error for what --compile_layers has not been made to work with."""
     if zero_stage == 3:
         raise CompileLayersError("--compile_layers runs at ZeRO stages 0-2; at ZeRO-3 "
                                  "DeepSpeed's parameter hooks run inside each layer's forward")
+    if liger_kernels:
+        raise CompileLayersError("--compile_layers and --liger_kernels both replace the "
+                                 "layers' norms and SwiGLU; choose one")
 
 
 def compile_policy_layers(policy, backend: str = "inductor") -> dict[str, int]:
