@@ -282,8 +282,7 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
                                           warmup_cosine(cfg.warmup_steps, plan.total_steps))
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    if rank == 0 and zero_stage == 3 and objective.rl_loss_weight > 0 and \
-            module.sampling_replica is not None:
+    if rank == 0 and module.sampling_replica is not None:  # ZeRO-3, sampling for the RL term
         print("ZeRO-3: sampling reads a copy of the expert refreshed before each step "
               "(--zero3_sampling_replica)" + (", replaying a CUDA graph"
                                               if device.type == "cuda"

@@ -34,25 +34,8 @@ neighbouring lanes with ``tl.gather`` within the warp, which lowers to two shuff
 4-neighbourhood costs no reloads. The variance comes from the Laplacian's integer moments,
 exact in int64 (see the kernel).
 
-Measured on an H200 (benchmarks/bench_path_safety.py, L2 flushed before each call, CUDA
-graph): B=8, N=4, T=64, P=32 on 1280x720 frames in 11.7 us; B=64, N=16, T=64 in 96.6 us,
-49.1 % of the device copy bandwidth on the patch bytes (the reference colour summed in a
-launch of its own first, in the same run: 101.8 us, 46.6 %; every crop on the masked walk:
-138 us, 34 %). Versions that measured worse (on an H100, before the interior
-walk): a 32x32 tile per program with the Laplacian as two tensor-core products
-(L = A G + G A^T, exact in fp16) spent ~200 instructions per pixel on layout conversions
-(1.4 ms at B=64); the row walk fully unrolled held 186 registers per thread (340 us against
-130 us unrolled by 4); splitting a patch's rows over several warps added halo loads and
-per-row index work (300+ us).
-
-The interior walk: the masked walk spends ~36 SASS instructions per crop row (compiled for
-sm_90 with Triton 3.9 on a machine without a GPU, read with cuobjdump: predicated loads,
-register zeroing, selects for the row and lane masks, 64-bit row compares); a crop wholly
-inside the image needs none of them and its walk is ~21 per row (counted in the compiled
-loop bodies). The kernel issues instructions at about that
-rate: 65536 waypoints x 32 rows x 36 instructions is ~140K cycles per SM of an H200, about
-half of the 135 us the large case then took on the masked walk alone. Most crops are interior,
-so they take the short walk.
+Why an interior walk beside the masked one, the figures measured, and the versions that
+measured worse: docs/DESIGN.md, "Path safety" (latest figures: benchmarks/RESULTS.md).
 
 Projection: from K and T inside the kernel (21 scalar loads, a few float64 operations per
 waypoint) rather than from a K @ T precomputed with torch: that bmm and its casts measured
