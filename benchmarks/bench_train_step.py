@@ -55,11 +55,16 @@ of one untimed step after the timed ones (``srdrl.timing.FlopSections``, i.e.
 time / the bf16 matmul rate measured in the same run (``common.bf16_matmul_peak``), also for
 the whole step. FlopCounterMode counts matmul-class operations only, so scoring (Triton)
 and the optimiser step (elementwise) show 0 FLOPs: their limit is bandwidth, not MFU.
+With ``--profile``, one more step per run under ``torch.profiler``
+(``srdrl.timing.KernelSections``, the device synchronised at each section's edges): per
+phase the kernels, copies and memsets launched, the time the GPU was busy with them, the
+share it sat idle waiting for the host (launch-bound when high), and the top kernels.
 Targets: sampling + scoring <= 25% of the step; the step >= 5x the original pipeline;
 ZeRO-3 peak memory below ZeRO-2's (needs several GPUs to show: with one rank ZeRO-3 has
 nothing to partition across).
 
     python benchmarks/bench_train_step.py [--scenes 8 --samples 4 --steps 10]
+    python benchmarks/bench_train_step.py --profile  # + kernels per phase (what bounds it)
     python benchmarks/bench_train_step.py --smoke   # tiny policy on CPU: checks it runs;
                                                     # its wall-clock figures mean nothing
 
@@ -121,6 +126,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=384)
+    p.add_argument("--profile", action="store_true",
+                   help="one more step per run under torch.profiler: per phase the kernels "
+                        "launched, the GPU-busy time and the top kernels (what bounds it)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny policy on CPU, small images, wall clock (checks that it runs)")
     args = p.parse_args(argv)
@@ -171,12 +179,30 @@ def phase_rows(per_step: list[dict], flops, step_ms: float, peak: float | None) 
     return rows
 
 
+def phase_kernel_rows(sections: dict) -> dict:
+    """``KernelSections.summary()`` (per srdrl section) summed into the reported phases:
+    wall and GPU-busy ms, launches, idle share, and the top kernels of its sections."""
+    rows = {}
+    for phase, names in PHASES.items():
+        parts = [sections[n] for n in names if n in sections]
+        if not parts:
+            continue
+        wall = sum(p["wall_ms"] for p in parts)
+        busy = sum(p["gpu_busy_ms"] for p in parts)
+        top = sorted((t for p in parts for t in p["top"]), key=lambda t: -t["ms"])[:5]
+        rows[phase] = {"wall_ms": wall, "gpu_busy_ms": busy,
+                       "launches": sum(p["launches"] for p in parts),
+                       "gpu_idle_fraction": 1.0 - busy / wall if wall > 0 else None,
+                       "top": top}
+    return rows
+
+
 def run_variant(name, optimizer, args, batch, texts, peak):
     from srdrl.config import ObjectiveConfig, RewardConfig
     from srdrl.engine import SRDRLModule, initialize_engine
     from srdrl.policy import PolicyConfig, VLAPolicy, build_tokenizer, sample_trajectories
     from srdrl.policy.model import VLM_INPUTS_KEY
-    from srdrl.timing import SectionTimer
+    from srdrl.timing import KernelSections, SectionTimer
 
     cuda = torch.cuda.is_available()
     # What earlier variants in this process left allocated (DeepSpeed keeps references to
@@ -227,11 +253,16 @@ def run_variant(name, optimizer, args, batch, texts, peak):
                                   args.original_steps if name == "original" else args.steps)
     peak_memory = (torch.cuda.max_memory_allocated() - resident) / 2**30 if cuda else None
     flops = count_step_flops(module, one_step)  # one more, untimed, eager step
+    kernels = None
+    if args.profile:  # one more step, device-synchronised at each section's edges
+        with KernelSections() as profiled:
+            one_step(profiled)
+        kernels = phase_kernel_rows(profiled.summary())
     median = 1e3 * timing.median_s
     phases = phase_rows(per_step, flops, median, peak)
     result = {"step_ms_median": median, "step_ms_all": [1e3 * t for t in timing.times_s],
               "timing": "cuda events" if cuda else "wall clock (smoke: not a result)",
-              "phases": phases, "sections_ms_per_step": per_step,
+              "phases": phases, "sections_ms_per_step": per_step, "kernels": kernels,
               "scenes_per_s": args.scenes / timing.median_s, "peak_memory_gib": peak_memory,
               "resident_before_variant_gib": resident / 2**30 if cuda else None,
               "sampling_plus_scoring_fraction":
@@ -310,6 +341,19 @@ def print_tables(results: dict, peak: float | None) -> None:
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
             cells.append(f"{c} {row['ms_median']:.1f}/{row['flops'] / 1e9:.1f}/{mfu}")
         print(f"{name:<30} " + "  ".join(cells))
+    profiled = {name: r["kernels"] for name, r in results.items() if r.get("kernels")}
+    if profiled:
+        print("\nper phase, one profiled step (synchronised at section edges): wall ms / "
+              "GPU-busy ms / launches / GPU idle %; top kernels by time")
+    for name, rows in profiled.items():
+        print(name)
+        for phase, row in rows.items():
+            idle = row["gpu_idle_fraction"]
+            top = "; ".join(f"{t['kernel'][:60]} {t['ms']:.2f}ms x{t['count']}"
+                            for t in row["top"][:3])
+            print(f"  {phase:<15} {row['wall_ms']:8.1f} {row['gpu_busy_ms']:8.1f} "
+                  f"{row['launches']:6d} {100 * idle if idle is not None else float('nan'):5.1f}%"
+                  f"  {top}")
 
 
 def main(argv=None) -> int:

@@ -80,3 +80,93 @@ class FlopSections:
         before = self.total
         yield
         self.per_section[name] += self.total - before
+
+
+@contextmanager
+def _synchronized():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def kernels_in_windows(windows: list[tuple[str, float, float]],
+                       kernels: list[tuple[str, float, float]], top: int = 5) -> dict:
+    """Per section name: the device work that started inside its windows.
+
+    ``windows`` are (section, start, end) and ``kernels`` (kernel name, start, end), all in
+    one clock (us). Per section: ``wall_ms`` (the windows' summed length), ``launches`` (how
+    many kernels, copies and memsets), ``gpu_busy_ms`` (the union of their intervals, so
+    overlapping streams count once), ``gpu_idle_fraction`` (1 - busy / wall: the share the
+    device waited for the host: launches, syncs, Python) and ``top`` (the ``top`` kernel
+    names by summed time, with their ms and count)."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(w[0] for w in windows):
+        spans = [(s, e) for n, s, e in windows if n == name]
+        inside = sorted((k for k in kernels if any(s <= k[1] < e for s, e in spans)),
+                        key=lambda k: k[1])
+        busy, reach = 0.0, float("-inf")
+        for _, start, end in inside:  # union of intervals, sorted by start
+            busy += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+        for kname, start, end in inside:
+            per_name[kname][0] += end - start
+            per_name[kname][1] += 1
+        wall = sum(e - s for s, e in spans)
+        ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+        out[name] = {"wall_ms": wall / 1e3, "launches": len(inside), "gpu_busy_ms": busy / 1e3,
+                     "gpu_idle_fraction": 1.0 - busy / wall if wall > 0 else None,
+                     "top": [{"kernel": k, "ms": t / 1e3, "count": c}
+                             for k, (t, c) in ranked]}
+    return out
+
+
+class KernelSections:
+    """Profiles one step's device work per named section with ``torch.profiler``: use as a
+    timer (``with KernelSections() as kernels: step(timer=kernels)``), then ``summary()``
+    gives ``kernels_in_windows`` of each section.
+
+    Each section synchronises the device on entry and before its end, so the kernels that
+    start inside a section's host window are the ones it launched (the backward's, launched
+    from autograd's threads, included); the syncs remove the overlap of one section's
+    launches with the previous section's kernels, so the walls here are not the step's
+    phase times (those come from ``SectionTimer``) but each section's own GPU busy share."""
+
+    PREFIX = "srdrl_section::"
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        self.profiler = profile(activities=activities)
+
+    def __enter__(self):
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.profiler.__exit__(*exc)
+
+    @contextmanager
+    def section(self, name: str):
+        from torch.profiler import record_function
+
+        with record_function(self.PREFIX + name), _synchronized():
+            yield
+
+    def summary(self, top: int = 5) -> dict:
+        from torch.autograd import DeviceType
+
+        windows, kernels = [], []
+        for event in self.profiler.events():
+            if event.device_type == DeviceType.CPU:
+                if event.name.startswith(self.PREFIX):
+                    windows.append((event.name[len(self.PREFIX):], event.time_range.start,
+                                    event.time_range.end))
+            elif not event.is_user_annotation:
+                kernels.append((event.name, event.time_range.start, event.time_range.end))
+        return kernels_in_windows(windows, kernels, top)

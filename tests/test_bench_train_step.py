@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from srdrl.timing import FlopSections
+from srdrl.timing import FlopSections, KernelSections, kernels_in_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -29,6 +29,54 @@ def test_flop_sections_attribute_matmuls_to_their_section():
         a @ b  # outside any section: in the total only
     assert flops.per_section == {"mm": 2 * 2 * 8 * 16 * 4, "elementwise": 0}
     assert flops.total == 3 * 2 * 8 * 16 * 4
+
+
+def test_kernels_in_windows_counts_union_of_busy_time_and_ranks_kernels():
+    windows = [("fwd", 0.0, 1000.0), ("opt", 1000.0, 1500.0), ("fwd", 2000.0, 2200.0)]
+    kernels = [("gemm", 100.0, 400.0), ("gemm", 300.0, 500.0),  # overlap: 400 us busy
+               ("add", 900.0, 1100.0),  # starts in fwd, runs past its end
+               ("adam", 1200.0, 1300.0), ("copy", 1499.0, 1500.0),
+               ("gemm", 2050.0, 2150.0), ("late", 1700.0, 1800.0)]  # between windows
+    out = kernels_in_windows(windows, kernels, top=2)
+    assert set(out) == {"fwd", "opt"}
+    fwd, opt = out["fwd"], out["opt"]
+    assert fwd["wall_ms"] == pytest.approx(1.2) and fwd["launches"] == 4
+    assert fwd["gpu_busy_ms"] == pytest.approx((400 + 200 + 100) / 1e3)
+    assert fwd["gpu_idle_fraction"] == pytest.approx(1 - 700 / 1200)
+    assert fwd["top"] == [{"kernel": "gemm", "ms": pytest.approx(0.6), "count": 3},
+                          {"kernel": "add", "ms": pytest.approx(0.2), "count": 1}]
+    assert opt["launches"] == 2 and opt["gpu_busy_ms"] == pytest.approx(0.101)
+
+
+def test_kernel_sections_find_their_windows_on_cpu():
+    a = torch.randn(64, 64)
+    with KernelSections() as kernels:
+        with kernels.section("mm"):
+            a @ a
+        with kernels.section("add"):
+            a + a
+        with kernels.section("mm"):
+            a @ a
+    summary = kernels.summary()
+    assert set(summary) == {"mm", "add"}
+    assert all(row["wall_ms"] > 0 for row in summary.values())
+    if not torch.cuda.is_available():  # nothing runs on a device
+        assert all(row["launches"] == 0 and row["gpu_idle_fraction"] == 1.0
+                   for row in summary.values())
+
+
+def test_phase_kernel_rows_sum_sections_into_phases():
+    def section(wall, busy, launches, top):
+        return {"wall_ms": wall, "gpu_busy_ms": busy, "launches": launches, "top": top}
+
+    rows = bench_train_step.phase_kernel_rows({
+        "supervised": section(2.0, 1.0, 10, [{"kernel": "a", "ms": 0.5, "count": 4}]),
+        "awr": section(2.0, 0.5, 6, [{"kernel": "b", "ms": 0.4, "count": 6}]),
+        "backward": section(4.0, 3.0, 40, [])})
+    assert set(rows) == {"loss_forward", "backward"}
+    assert rows["loss_forward"]["launches"] == 16
+    assert rows["loss_forward"]["gpu_idle_fraction"] == pytest.approx(1 - 1.5 / 4.0)
+    assert [t["kernel"] for t in rows["loss_forward"]["top"]] == ["a", "b"]
 
 
 class Counted:
@@ -63,7 +111,8 @@ def test_smoke_run_reports_every_phase_for_both_optimizers(tmp_path):
     env.update(OUT=str(tmp_path), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"),
                           "--smoke", "--variants", "zero2_eager", "zero3", "zero3_whole",
-                          "zero3_prefetch", "zero3_layers_replica", "zero2_liger"], env=env,
+                          "zero3_prefetch", "zero3_layers_replica", "zero2_liger", "--profile"],
+                         env=env,
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "bench_train_step.json").read_text())
@@ -82,6 +131,7 @@ def test_smoke_run_reports_every_phase_for_both_optimizers(tmp_path):
         assert phases["backward"]["flops"] > phases["loss_forward"]["flops"] > 0
         assert phases["sampling"]["flops"] > 0 and phases["optimizer_step"]["flops"] == 0
         assert phases["total"]["mfu"] is None  # no bf16 peak without CUDA
+        assert {"prefix_encode", "backward", "optimizer_step"} <= set(r["kernels"])
     assert "zero3_fused_vs_deepspeed_optimizer_step" in report["ratios"]
     assert {"zero3_prefetch_vs_zero3_step", "zero3_whole_vs_per_module_step"} <= set(
         report["ratios"])
