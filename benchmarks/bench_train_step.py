@@ -5,6 +5,8 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
 
   zero2_graph   ZeRO-2, sampler replayed from a CUDA graph, Triton scoring (the default)
   zero2_eager   ZeRO-2, eager sampler, Triton scoring
+  zero2_pageable  zero2_graph with the batch in pageable memory (a DataLoader without
+                pin_memory; srdrl-train pins on CUDA, and so do the other variants here)
   zero2_liger   zero2_graph with --liger_kernels (Liger's RMSNorm, rotary and SwiGLU kernels)
   zero2_liger_norms, zero2_liger_swiglu  zero2_graph with only Liger's RMSNorm and rotary,
                 or only its SwiGLU (which kernel costs or saves what)
@@ -96,7 +98,7 @@ from common import (  # noqa: E402
 
 from srdrl.config import OPTIMIZERS  # noqa: E402
 
-VARIANTS = ("zero2_graph", "zero2_eager", "zero2_liger", "zero2_liger_norms",
+VARIANTS = ("zero2_graph", "zero2_eager", "zero2_pageable", "zero2_liger", "zero2_liger_norms",
             "zero2_liger_swiglu", "zero2_compile", "zero3", "zero3_whole", "zero3_prefetch",
             "zero3_whole_prefetch", "zero3_layers", "zero3_layers_prefetch",
             "zero3_layers_replica", "original")
@@ -180,10 +182,11 @@ def phase_rows(per_step: list[dict], flops, step_ms: float, peak: float | None) 
 
 
 def phase_kernel_rows(sections: dict) -> dict:
-    """``KernelSections.summary()`` (per srdrl section) summed into the reported phases:
-    wall and GPU-busy ms, launches, idle share, and the top kernels of its sections."""
+    """``KernelSections.summary()`` (per srdrl section) summed into the reported phases
+    and a ``total`` over every section: wall and GPU-busy ms, launches, idle share, and the
+    top kernels of its sections."""
     rows = {}
-    for phase, names in PHASES.items():
+    for phase, names in [*PHASES.items(), ("total", tuple(sections))]:
         parts = [sections[n] for n in names if n in sections]
         if not parts:
             continue
@@ -218,8 +221,8 @@ def run_variant(name, optimizer, args, batch, texts, peak):
                                                     "torch_adam": True}},
           "steps_per_print": 10**9}
     objective = ObjectiveConfig(num_trajectory_samples=args.samples, flow_steps=args.flow_steps,
-                                use_cuda_graph=name in ("zero2_graph", "zero2_compile",
-                                                        "zero3_layers_replica")
+                                use_cuda_graph=name in ("zero2_graph", "zero2_pageable",
+                                                        "zero2_compile", "zero3_layers_replica")
                                 or name in LIGER_VARIANTS)
     backend = "reference" if name == "original" else ("triton" if cuda else "kornia")
     rewards = RewardConfig(scoring_backend=backend)
@@ -238,8 +241,11 @@ def run_variant(name, optimizer, args, batch, texts, peak):
         from srdrl.policy.compiled_layers import compile_policy_layers
         compile_policy_layers(module.policy, "inductor" if cuda else "aot_eager")
     engine, _ = initialize_engine(module, ds, optimizer)
-    # As in training, the DataLoader's workers build the VLM inputs ahead of the step.
+    # As in training, the DataLoader's workers build the VLM inputs ahead of the step, and
+    # on CUDA it pins them (DataLoader(pin_memory=True)).
     batch = {**batch, VLM_INPUTS_KEY: module.policy.input_builder(batch)}
+    if cuda and name != "zero2_pageable":
+        batch = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in batch.items()}
     timer = SectionTimer(cuda=cuda)
     one_step = training_step(engine, batch, args.scenes, timer)
 
@@ -258,6 +264,10 @@ def run_variant(name, optimizer, args, batch, texts, peak):
         with KernelSections() as profiled:
             one_step(profiled)
         kernels = phase_kernel_rows(profiled.summary())
+        busy = kernels.get("total", {}).get("gpu_busy_ms")
+        # the MFU this step's kernels would give if the GPU never waited for the host
+        kernels["total"]["mfu_if_never_idle"] = (
+            flops.total / (busy * 1e-3) / peak if busy and peak else None)
     median = 1e3 * timing.median_s
     phases = phase_rows(per_step, flops, median, peak)
     result = {"step_ms_median": median, "step_ms_all": [1e3 * t for t in timing.times_s],
@@ -288,6 +298,7 @@ def ratios(results: dict) -> dict:
     first = next(iter(results)).split("/")[1]
     for base, other, label in [("original", "zero2_graph", "zero2_graph_vs_original"),
                                ("zero2_eager", "zero2_graph", "graph_vs_eager_step"),
+                               ("zero2_pageable", "zero2_graph", "pinned_vs_pageable_step"),
                                ("zero2_graph", "zero2_liger", "liger_vs_unfused_step"),
                                ("zero2_graph", "zero2_liger_norms", "liger_norms_vs_unfused_step"),
                                ("zero2_graph", "zero2_liger_swiglu",
@@ -354,6 +365,10 @@ def print_tables(results: dict, peak: float | None) -> None:
             print(f"  {phase:<15} {row['wall_ms']:8.1f} {row['gpu_busy_ms']:8.1f} "
                   f"{row['launches']:6d} {100 * idle if idle is not None else float('nan'):5.1f}%"
                   f"  {top}")
+        never_idle = rows.get("total", {}).get("mfu_if_never_idle")
+        if never_idle is not None:
+            print(f"  MFU of these kernels if the GPU never waited for the host: "
+                  f"{100 * never_idle:.1f}%")
 
 
 def main(argv=None) -> int:

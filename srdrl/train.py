@@ -338,7 +338,8 @@ def train(cfg: TrainConfig, objective: ObjectiveConfig, rewards: RewardConfig,
             loader = DataLoader(dataset, batch_size=cfg.per_device_train_batch_size,
                                 sampler=ResumableSampler(sampler, skip, take), drop_last=True,
                                 collate_fn=collate_fn, num_workers=cfg.dataloader_workers,
-                                worker_init_fn=ignore_sigint if cfg.dataloader_workers else None)
+                                worker_init_fn=ignore_sigint if cfg.dataloader_workers else None,
+                                pin_memory=device.type == "cuda")  # async copies to the GPU
             for batch in loader:
                 # noise keyed by (seed, epoch, scene): independent of ranks and micro-batches
                 noise = SceneNoise([scene_seed(cfg.seed, progress["epoch"], i)

@@ -73,7 +73,8 @@ def test_phase_kernel_rows_sum_sections_into_phases():
         "supervised": section(2.0, 1.0, 10, [{"kernel": "a", "ms": 0.5, "count": 4}]),
         "awr": section(2.0, 0.5, 6, [{"kernel": "b", "ms": 0.4, "count": 6}]),
         "backward": section(4.0, 3.0, 40, [])})
-    assert set(rows) == {"loss_forward", "backward"}
+    assert set(rows) == {"loss_forward", "backward", "total"}
+    assert rows["total"]["launches"] == 56 and rows["total"]["gpu_busy_ms"] == 4.5
     assert rows["loss_forward"]["launches"] == 16
     assert rows["loss_forward"]["gpu_idle_fraction"] == pytest.approx(1 - 1.5 / 4.0)
     assert [t["kernel"] for t in rows["loss_forward"]["top"]] == ["a", "b"]
@@ -131,7 +132,8 @@ def test_smoke_run_reports_every_phase_for_both_optimizers(tmp_path):
         assert phases["backward"]["flops"] > phases["loss_forward"]["flops"] > 0
         assert phases["sampling"]["flops"] > 0 and phases["optimizer_step"]["flops"] == 0
         assert phases["total"]["mfu"] is None  # no bf16 peak without CUDA
-        assert {"prefix_encode", "backward", "optimizer_step"} <= set(r["kernels"])
+        assert {"prefix_encode", "backward", "optimizer_step", "total"} <= set(r["kernels"])
+        assert r["kernels"]["total"]["mfu_if_never_idle"] is None  # no peak without CUDA
     assert "zero3_fused_vs_deepspeed_optimizer_step" in report["ratios"]
     assert {"zero3_prefetch_vs_zero3_step", "zero3_whole_vs_per_module_step"} <= set(
         report["ratios"])

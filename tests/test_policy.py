@@ -143,6 +143,16 @@ def test_labels_only_on_reasoning_and_closing_token(policy, batch):
     assert "Speed " in prompt and "yaw rate" in prompt and prompt.endswith("<|traj_future_start|>")
 
 
+def test_inputs_move_field_by_field_and_keep_their_values(policy, batch):
+    inputs = policy.input_builder(batch)
+    moved = inputs.to("cpu")
+    assert type(moved) is type(inputs)
+    for name, value in vars(inputs).items():
+        assert torch.equal(getattr(moved, name), value), name
+    prompt = policy.input_builder.prompt(batch)
+    assert torch.equal(prompt.to("cpu").pixel_values, prompt.pixel_values)
+
+
 def test_ego_motion_speed_and_turn_sign():
     b = make_batch(num_scenes=4, seed=3)
     speed, yaw_rate = ego_motion(b["ego_history_xyz"])
@@ -494,3 +504,20 @@ def test_graph_sees_weights_updated_by_optimizer():
     assert denoiser.captures == 1
     assert not torch.allclose(before, after_graph, atol=1e-3)
     torch.testing.assert_close(after_graph, after_eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+def test_pinned_inputs_copied_asynchronously_give_the_same_prefix(cuda_policy):
+    b = make_batch(num_scenes=3, seed=2)
+    inputs = cuda_policy.input_builder(b)
+    pinned = inputs.pin_memory()
+    assert all(t.is_pinned() for t in vars(pinned).values())
+    with torch.no_grad():
+        from_pinned = cuda_policy.encode_prefix(b, pinned)  # non-blocking copies
+        from_pageable = cuda_policy.encode_prefix(b, inputs)
+    for name in ("language_loss", "vision_features", "key_mask"):
+        torch.testing.assert_close(getattr(from_pinned, name), getattr(from_pageable, name),
+                                   atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(from_pinned.keys[-1], from_pageable.keys[-1], atol=1e-6,
+                               rtol=1e-6)

@@ -80,8 +80,24 @@ def ego_motion(history_xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return speed, yaw_rate
 
 
+class _TensorFields:
+    """Moving and pinning a dataclass whose fields are all tensors."""
+
+    def to(self, device):
+        """On ``device``; host to GPU from pinned memory the copies are asynchronous
+        (stream-ordered: the step's kernels see them complete; the host is not held)."""
+        to_gpu = torch.device(device).type == "cuda"
+        return type(self)(**{f.name: getattr(self, f.name).to(device, non_blocking=to_gpu)
+                             for f in fields(self)})
+
+    def pin_memory(self):
+        """In page-locked memory (``DataLoader(pin_memory=True)`` calls this), so that ``to``
+        copies at the link's speed and without holding the host."""
+        return type(self)(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+
 @dataclass
-class VLMInputs:
+class VLMInputs(_TensorFields):
     input_ids: torch.Tensor  # (B, L) long
     attention_mask: torch.Tensor  # (B, L) long, 1 on real tokens (right padding)
     labels: torch.Tensor  # (B, L) long, reasoning + closing token, -100 elsewhere
@@ -90,12 +106,9 @@ class VLMInputs:
     pixel_values: torch.Tensor  # (sum of patches, C * temporal_patch * patch^2) float32
     image_grid_thw: torch.Tensor  # (B * F, 3) long
 
-    def to(self, device) -> VLMInputs:
-        return VLMInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
 
 @dataclass
-class PromptInputs:
+class PromptInputs(_TensorFields):
     """The prompt alone, for generating the reasoning (see ``VLMInputBuilder.prompt``)."""
 
     input_ids: torch.Tensor  # (B, P) long, left-padded
@@ -103,9 +116,6 @@ class PromptInputs:
     mm_token_type_ids: torch.Tensor  # (B, P) int, 1 on <|image_pad|>
     pixel_values: torch.Tensor  # (sum of patches, C * temporal_patch * patch^2) float32
     image_grid_thw: torch.Tensor  # (B * F, 3) long
-
-    def to(self, device) -> PromptInputs:
-        return PromptInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 class VLMInputBuilder:
