@@ -59,8 +59,10 @@ the whole step. FlopCounterMode counts matmul-class operations only, so scoring 
 and the optimiser step (elementwise) show 0 FLOPs: their limit is bandwidth, not MFU.
 With ``--profile``, one more step per run under ``torch.profiler``
 (``srdrl.timing.KernelSections``, the device synchronised at each section's edges): per
-phase the kernels, copies and memsets launched, the time the GPU was busy with them, the
-share it sat idle waiting for the host (launch-bound when high), and the top kernels.
+phase the kernels, copies and memsets run, the host's launch calls (a CUDA-graph replay is
+one), the time the GPU was busy, the share it sat idle waiting for the host (host-bound
+when high), the top kernels, the aten operators called most often, and the MFU the step's
+kernels would reach if the GPU never waited.
 Targets: sampling + scoring <= 25% of the step; the step >= 5x the original pipeline;
 ZeRO-3 peak memory below ZeRO-2's (needs several GPUs to show: with one rank ZeRO-3 has
 nothing to partition across).
@@ -193,8 +195,15 @@ def phase_kernel_rows(sections: dict) -> dict:
         wall = sum(p["wall_ms"] for p in parts)
         busy = sum(p["gpu_busy_ms"] for p in parts)
         top = sorted((t for p in parts for t in p["top"]), key=lambda t: -t["ms"])[:5]
+        host_ops: dict[str, int] = {}
+        for part in parts:
+            for op in part.get("host_ops", ()):
+                host_ops[op["op"]] = host_ops.get(op["op"], 0) + op["count"]
         rows[phase] = {"wall_ms": wall, "gpu_busy_ms": busy,
                        "launches": sum(p["launches"] for p in parts),
+                       "host_launches": sum(p.get("host_launches", 0) for p in parts),
+                       "host_ops": sorted(({"op": k, "count": c} for k, c in host_ops.items()),
+                                          key=lambda o: -o["count"])[:5],
                        "gpu_idle_fraction": 1.0 - busy / wall if wall > 0 else None,
                        "top": top}
     return rows
@@ -355,16 +364,19 @@ def print_tables(results: dict, peak: float | None) -> None:
     profiled = {name: r["kernels"] for name, r in results.items() if r.get("kernels")}
     if profiled:
         print("\nper phase, one profiled step (synchronised at section edges): wall ms / "
-              "GPU-busy ms / launches / GPU idle %; top kernels by time")
+              "GPU-busy ms / kernels run / host launch calls / GPU idle %; top kernels by "
+              "time; host ops most often called")
     for name, rows in profiled.items():
         print(name)
         for phase, row in rows.items():
             idle = row["gpu_idle_fraction"]
             top = "; ".join(f"{t['kernel'][:60]} {t['ms']:.2f}ms x{t['count']}"
                             for t in row["top"][:3])
+            ops = ", ".join(f"{o['op']} x{o['count']}" for o in row["host_ops"][:3])
             print(f"  {phase:<15} {row['wall_ms']:8.1f} {row['gpu_busy_ms']:8.1f} "
-                  f"{row['launches']:6d} {100 * idle if idle is not None else float('nan'):5.1f}%"
-                  f"  {top}")
+                  f"{row['launches']:6d} {row['host_launches']:6d} "
+                  f"{100 * idle if idle is not None else float('nan'):5.1f}%  {top}\n"
+                  f"  {'':<15} host: {ops}")
         never_idle = rows.get("total", {}).get("mfu_if_never_idle")
         if never_idle is not None:
             print(f"  MFU of these kernels if the GPU never waited for the host: "
@@ -385,7 +397,8 @@ def main(argv=None) -> int:
     init_distributed()
     peak = bf16_matmul_peak() if torch.cuda.is_available() else None
     with tempfile.TemporaryDirectory() as tmp:
-        make_dataset(SyntheticDataConfig(output_dir=tmp, num_scenes=args.scenes + 2,
+        # a tenth goes to the validation split: enough train scenes for one batch
+        make_dataset(SyntheticDataConfig(output_dir=tmp, num_scenes=2 * args.scenes + 2,
                                          width=args.width, height=args.height, seed=0),
                      progress=False)
         ds = JsonlDataset(Path(tmp) / "train.jsonl")

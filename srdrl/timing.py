@@ -91,6 +91,22 @@ def _synchronized():
         torch.cuda.synchronize()
 
 
+def host_ops_in_windows(windows: list[tuple[str, float, float]],
+                        ops: list[tuple[str, float]], top: int = 5) -> dict:
+    """Per section name: the ``top`` host operations ``ops`` (name, start) started inside
+    its windows most often, as {"op", "count"}."""
+    out = {}
+    for name in dict.fromkeys(w[0] for w in windows):
+        spans = [(s, e) for n, s, e in windows if n == name]
+        counts: dict[str, int] = defaultdict(int)
+        for op, start in ops:
+            if any(s <= start < e for s, e in spans):
+                counts[op] += 1
+        out[name] = [{"op": op, "count": c}
+                     for op, c in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+    return out
+
+
 def kernels_in_windows(windows: list[tuple[str, float, float]],
                        kernels: list[tuple[str, float, float]], top: int = 5) -> dict:
     """Per section name: the device work that started inside its windows.
@@ -159,14 +175,37 @@ class KernelSections:
             yield
 
     def summary(self, top: int = 5) -> dict:
+        """``kernels_in_windows`` per section, with ``host_ops``: the outermost aten
+        operators it ran most often (``host_ops_in_windows``; the backward's included), and
+        ``host_launches``: the host's launch, copy and memset calls to the CUDA runtime or
+        driver (one CUDA-graph replay is one call, however many kernels it holds)."""
         from torch.autograd import DeviceType
 
-        windows, kernels = [], []
+        windows, kernels, ops, calls = [], [], [], []
         for event in self.profiler.events():
             if event.device_type == DeviceType.CPU:
                 if event.name.startswith(self.PREFIX):
                     windows.append((event.name[len(self.PREFIX):], event.time_range.start,
                                     event.time_range.end))
+                elif event.name.startswith("aten::") and not _inside_aten(event):
+                    ops.append((event.name, event.time_range.start))
+                elif event.name.startswith("cu") and any(
+                        w in event.name for w in ("Launch", "Memcpy", "Memset")):
+                    calls.append(("launch", event.time_range.start))  # one per host call
             elif not event.is_user_annotation:
                 kernels.append((event.name, event.time_range.start, event.time_range.end))
-        return kernels_in_windows(windows, kernels, top)
+        out = kernels_in_windows(windows, kernels, top)
+        for name, host_ops in host_ops_in_windows(windows, ops, top).items():
+            out[name]["host_ops"] = host_ops
+        for name, launches in host_ops_in_windows(windows, calls, 1).items():
+            out[name]["host_launches"] = launches[0]["count"] if launches else 0
+        return out
+
+
+def _inside_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from srdrl.timing import FlopSections, KernelSections, kernels_in_windows
+from srdrl.timing import FlopSections, KernelSections, host_ops_in_windows, kernels_in_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -48,6 +48,15 @@ def test_kernels_in_windows_counts_union_of_busy_time_and_ranks_kernels():
     assert opt["launches"] == 2 and opt["gpu_busy_ms"] == pytest.approx(0.101)
 
 
+def test_host_ops_in_windows_count_by_name_inside_each_section():
+    windows = [("opt", 0.0, 10.0), ("bwd", 10.0, 20.0), ("opt", 30.0, 40.0)]
+    ops = [("aten::norm", 1.0), ("aten::copy_", 2.0), ("aten::norm", 35.0),
+           ("aten::mm", 15.0), ("aten::norm", 25.0)]  # the last between windows
+    out = host_ops_in_windows(windows, ops, top=1)
+    assert out == {"opt": [{"op": "aten::norm", "count": 2}],
+                   "bwd": [{"op": "aten::mm", "count": 1}]}
+
+
 def test_kernel_sections_find_their_windows_on_cpu():
     a = torch.randn(64, 64)
     with KernelSections() as kernels:
@@ -59,6 +68,9 @@ def test_kernel_sections_find_their_windows_on_cpu():
             a @ a
     summary = kernels.summary()
     assert set(summary) == {"mm", "add"}
+    assert summary["mm"]["host_ops"][0] == {"op": "aten::matmul", "count": 2}
+    assert summary["add"]["host_ops"] == [{"op": "aten::add", "count": 1}]
+    assert summary["add"]["host_launches"] == 0  # CPU tensors: no device work
     assert all(row["wall_ms"] > 0 for row in summary.values())
     if not torch.cuda.is_available():  # nothing runs on a device
         assert all(row["launches"] == 0 and row["gpu_idle_fraction"] == 1.0
@@ -67,7 +79,8 @@ def test_kernel_sections_find_their_windows_on_cpu():
 
 def test_phase_kernel_rows_sum_sections_into_phases():
     def section(wall, busy, launches, top):
-        return {"wall_ms": wall, "gpu_busy_ms": busy, "launches": launches, "top": top}
+        return {"wall_ms": wall, "gpu_busy_ms": busy, "launches": launches, "top": top,
+                "host_launches": launches // 2, "host_ops": [{"op": "aten::mm", "count": 2}]}
 
     rows = bench_train_step.phase_kernel_rows({
         "supervised": section(2.0, 1.0, 10, [{"kernel": "a", "ms": 0.5, "count": 4}]),
@@ -76,6 +89,8 @@ def test_phase_kernel_rows_sum_sections_into_phases():
     assert set(rows) == {"loss_forward", "backward", "total"}
     assert rows["total"]["launches"] == 56 and rows["total"]["gpu_busy_ms"] == 4.5
     assert rows["loss_forward"]["launches"] == 16
+    assert rows["loss_forward"]["host_launches"] == 8
+    assert rows["loss_forward"]["host_ops"] == [{"op": "aten::mm", "count": 4}]
     assert rows["loss_forward"]["gpu_idle_fraction"] == pytest.approx(1 - 1.5 / 4.0)
     assert [t["kernel"] for t in rows["loss_forward"]["top"]] == ["a", "b"]
 
