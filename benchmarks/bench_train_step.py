@@ -33,9 +33,11 @@ Variants, each a fresh DeepSpeed engine on the same batch (bf16, 1 GPU):
                 re-encodes its scene and runs its own Euler loop at batch 1) and the
                 OpenCV reference loop for scoring, ZeRO-2
 
-each under every optimiser of ``--optimizers`` (srdrl.optimizer: DeepSpeed's AdamW from
-the config, torch_adam; torch's fused AdamW as a client optimiser), ``original`` under the
-first only. Results are named ``variant/optimizer``.
+Each run is a fresh Python process (``--in_process`` runs them one after another in one
+process, where what earlier DeepSpeed engines left behind can slow a later run: the step is
+bound by host work), each under every optimiser of ``--optimizers`` (srdrl.optimizer:
+DeepSpeed's AdamW from the config, torch_adam; torch's fused AdamW as a client optimiser),
+``original`` under the first only. Results are named ``variant/optimizer``.
 
 Per run: median step time (``common.time_steps``: CUDA events around forward + backward +
 optimiser step, after warm-up; the VLM inputs are built outside the step, as the
@@ -82,6 +84,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -133,6 +136,12 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="one more step per run under torch.profiler: per phase the kernels "
                         "launched, the GPU-busy time and the top kernels (what bounds it)")
+    p.add_argument("--in_process", action="store_true",
+                   help="every run in this process, one after another (later runs then share "
+                        "the process with what earlier DeepSpeed engines left behind)")
+    p.add_argument("--run_one", help=argparse.SUPPRESS)  # VARIANT/OPTIMIZER, for the parent
+    p.add_argument("--peak_flops", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--result_file", help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true",
                    help="tiny policy on CPU, small images, wall clock (checks that it runs)")
     args = p.parse_args(argv)
@@ -383,6 +392,41 @@ def print_tables(results: dict, peak: float | None) -> None:
                   f"{100 * never_idle:.1f}%")
 
 
+def synthetic_batch(args) -> tuple[dict, list[str]]:
+    """The benchmark's batch (B scenes) and the reasoning texts the tokenizer is built on."""
+    from srdrl.data.dataset import JsonlDataset, collate
+    from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # a tenth goes to the validation split: enough train scenes for one batch
+        make_dataset(SyntheticDataConfig(output_dir=tmp, num_scenes=2 * args.scenes + 2,
+                                         width=args.width, height=args.height, seed=0),
+                     progress=False)
+        ds = JsonlDataset(Path(tmp) / "train.jsonl")
+        return collate([ds[i] for i in range(args.scenes)]), [r["reasoning"] for r in ds.records]
+
+
+def in_own_process(key: str, args, peak: float | None) -> dict:
+    """``run_variant`` of ``key`` in a fresh Python process (nothing an earlier engine left
+    behind, allocated memory or objects the garbage collector walks, slows it)."""
+    passed = ["--preset", args.preset, "--scenes", str(args.scenes), "--samples",
+              str(args.samples), "--flow_steps", str(args.flow_steps), "--steps",
+              str(args.steps), "--original-steps", str(args.original_steps), "--warmup",
+              str(args.warmup), "--width", str(args.width), "--height", str(args.height),
+              *(["--profile"] if args.profile else []), *(["--smoke"] if args.smoke else [])]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        run = subprocess.run([sys.executable, str(Path(__file__).resolve()), *passed,
+                              "--run_one", key, "--peak_flops", repr(peak or 0.0),
+                              "--result_file", str(out)], env=env)
+        if run.returncode != 0:
+            raise RuntimeError(f"bench_train_step: the run {key} failed (exit code "
+                               f"{run.returncode}; its output is above)")
+        return json.loads(out.read_text())
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:  # before anything asks CUDA: the engine then places everything on the CPU
@@ -390,26 +434,27 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         print("bench_train_step needs CUDA (or --smoke)")
         return 1
-    from srdrl.data.dataset import JsonlDataset, collate
-    from srdrl.data.synthetic import SyntheticDataConfig, make_dataset
     from srdrl.engine import init_distributed
 
-    init_distributed()
+    if args.run_one:  # one run, for a parent process (see in_own_process)
+        init_distributed()
+        batch, texts = synthetic_batch(args)
+        variant, optimizer = args.run_one.split("/")
+        result = run_variant(variant, optimizer, args, batch, texts, args.peak_flops or None)
+        Path(args.result_file).write_text(json.dumps(result))
+        return 0
     peak = bf16_matmul_peak() if torch.cuda.is_available() else None
-    with tempfile.TemporaryDirectory() as tmp:
-        # a tenth goes to the validation split: enough train scenes for one batch
-        make_dataset(SyntheticDataConfig(output_dir=tmp, num_scenes=2 * args.scenes + 2,
-                                         width=args.width, height=args.height, seed=0),
-                     progress=False)
-        ds = JsonlDataset(Path(tmp) / "train.jsonl")
-        batch = collate([ds[i] for i in range(args.scenes)])
-        texts = [r["reasoning"] for r in ds.records]
+    if args.in_process:
+        init_distributed()
+        batch, texts = synthetic_batch(args)
     results = {}
     for variant, optimizer in runs(args):
         key = f"{variant}/{optimizer}"
-        results[key] = run_variant(variant, optimizer, args, batch, texts, peak)
+        results[key] = (run_variant(variant, optimizer, args, batch, texts, peak)
+                        if args.in_process else in_own_process(key, args, peak))
         print(key, json.dumps({k: v for k, v in results[key].items()
-                               if k not in ("step_ms_all", "sections_ms_per_step")}), flush=True)
+                               if k not in ("step_ms_all", "sections_ms_per_step", "kernels")}),
+              flush=True)
     info = {**device_info(), "scenes": args.scenes, "samples": args.samples,
             "flow_steps": args.flow_steps, "preset": args.preset,
             "image": f"{args.width}x{args.height}", "smoke": args.smoke,
